@@ -1,0 +1,26 @@
+"""wanda_kernels: GPU kernels for pruning LLMs with Wanda (Sun et al., 2023).
+
+``import wanda_kernels`` needs only torch: Triton is imported the first time a
+Triton backend runs, and nothing here touches a GPU at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import reference
+from .norms import ActNormCollector, accumulate_sq_norms_
+from .prune import prune_, prune_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prune_",
+    "prune_mask",
+    "accumulate_sq_norms_",
+    "ActNormCollector",
+    "reference",
+    "__version__",
+]
+
+logging.getLogger("wanda_kernels").addHandler(logging.NullHandler())

@@ -1,0 +1,62 @@
+"""Which implementation runs a call: ``backend="auto" | "triton" | "torch"``.
+
+Nothing here queries a GPU or imports Triton at import time: the decision is made
+per call, from the device of the tensors the caller passed.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+import warnings
+
+import torch
+
+from ._validation import BACKENDS, check_choice
+
+logger = logging.getLogger("wanda_kernels")
+
+_TRUTHY = ("1", "true", "yes", "on")
+
+
+def triton_interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` is set, i.e. Triton kernels run on CPU tensors in numpy."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUTHY
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_triton_once() -> None:
+    warnings.warn(
+        "wanda_kernels: Triton is not installed, so CUDA tensors use the slower torch path. "
+        "Install it with `pip install 'triton>=3.6'`.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def resolve_backend(backend, device: torch.device) -> str:
+    """Return ``"triton"`` or ``"torch"`` for a call on tensors living on ``device``."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "torch":
+        return "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' but Triton is not installed; `pip install 'triton>=3.6'`")
+        if device.type != "cuda" and not triton_interpreting():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, for testing); got tensors on {device}"
+            )
+        return "triton"
+    # auto: Triton for CUDA tensors, the vectorised torch path everywhere else (never the interpreter).
+    if device.type == "cuda":
+        if triton_available():
+            return "triton"
+        _warn_no_triton_once()
+    return "torch"

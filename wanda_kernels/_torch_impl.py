@@ -1,0 +1,94 @@
+"""The vectorised torch path: the CPU implementation (and the fallback on any device).
+
+Same results as :mod:`wanda_kernels.reference`, bit for bit, by different means:
+
+* scores are ordered through their fp32 bit patterns viewed as int32. For non-negative
+  floats that order is the float order, so selection is exact integer work;
+* unstructured rows use ``kthvalue`` (a selection, O(cols)) plus a tie pass by index
+  instead of a full sort;
+* N:M groups rank each element by counting the group members that beat it, which is
+  the same tie rule as a stable descending sort.
+
+Work is split into row chunks so that temporaries stay within a fixed budget.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements per chunk of temporaries (fp32 scores, int64 cumsums, N:M pairwise compares).
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def score_keys(weight: torch.Tensor, norms32: torch.Tensor | None) -> torch.Tensor:
+    """int32 keys whose order is the order of the fp32 scores ``|W| * norms`` (or ``|W|``)."""
+    score = weight.abs().float()
+    if norms32 is not None:
+        score = score * norms32[None, :]
+    return score.view(torch.int32)
+
+
+def _row_chunks(rows: int, per_row: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_row))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def select_lowest(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool ``(rows, cols)``: True at the ``k`` lowest keys of each row, ties by lower index."""
+    rows, cols = keys.shape
+    if k == 0:
+        return torch.zeros(rows, cols, dtype=torch.bool, device=keys.device)
+    kth = keys.kthvalue(k, dim=1, keepdim=True).values
+    below = keys < kth
+    tie = keys == kth
+    missing = k - below.sum(dim=1, keepdim=True)  # how many ties of the k-th key to take
+    return below | (tie & (tie.cumsum(dim=1) <= missing))
+
+
+def keep_unstructured(weight: torch.Tensor, norms32: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Per-row keep-mask pruning ``k`` weights of each row."""
+    rows, cols = weight.shape
+    keep = torch.empty(rows, cols, dtype=torch.bool, device=weight.device)
+    for lo, hi in _row_chunks(rows, cols * 3):
+        keep[lo:hi] = ~select_lowest(score_keys(weight[lo:hi], norms32), k)
+    return keep
+
+
+def keep_layer(weight: torch.Tensor, norms32: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Per-layer keep-mask pruning the ``k`` lowest scores of the whole matrix."""
+    keys = score_keys(weight, norms32).reshape(-1)
+    keep = torch.ones_like(keys, dtype=torch.bool)
+    if k > 0:
+        kth = keys.kthvalue(k).values
+        below = keys < kth
+        missing = k - int(below.sum())
+        keep &= ~below
+        # Ties of the k-th key: the lowest flat indices go first. Few in practice, so
+        # index them instead of a cumsum over the whole matrix.
+        tie_idx = (keys == kth).nonzero().squeeze(1)[:missing]
+        keep[tie_idx] = False
+    return keep.reshape(weight.shape)
+
+
+def keep_nm(weight: torch.Tensor, norms32: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
+    """N:M keep-mask: rank every element within its group, keep ranks ``< n``."""
+    rows, cols = weight.shape
+    idx = torch.arange(m, device=weight.device)
+    earlier = idx[None, :] < idx[:, None]  # [i, j]: j comes before i
+    keep = torch.empty(rows, cols, dtype=torch.bool, device=weight.device)
+    for lo, hi in _row_chunks(rows, cols * m):
+        keys = score_keys(weight[lo:hi], norms32).reshape(hi - lo, cols // m, m)
+        ki, kj = keys.unsqueeze(-1), keys.unsqueeze(-2)
+        beats = (kj > ki) | ((kj == ki) & earlier)  # [..., i, j]: j outranks i
+        rank = beats.sum(dim=-1)
+        keep[lo:hi] = (rank < n).reshape(hi - lo, cols)
+    return keep
+
+
+def accumulate_sq_norms_(sq_norms: torch.Tensor, x2d: torch.Tensor) -> None:
+    """``sq_norms += (x2d.float() ** 2).sum(0)`` in token chunks, fp32 accumulation."""
+    tokens, cols = x2d.shape
+    for lo, hi in _row_chunks(tokens, cols):
+        xf = x2d[lo:hi].float()
+        sq_norms.add_((xf * xf).sum(dim=0))

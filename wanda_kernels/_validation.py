@@ -1,0 +1,124 @@
+"""Argument checks shared by the public functions.
+
+Every check raises ``TypeError`` (wrong kind of object) or ``ValueError`` (right kind,
+wrong value) with the argument's name and the value received, and none of them
+touches tensor data except :func:`check_norms`, which reads the norms to reject
+negative or non-finite entries.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+
+import torch
+
+PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+MAX_M = 32
+METRICS = ("wanda", "magnitude")
+BACKENDS = ("auto", "triton", "torch")
+SCOPES = ("row", "layer")
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def parse_pattern(pattern) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None, ``"N:M"`` -> ``(N, M)`` with ``1 <= N < M <= 32``."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a str such as 'unstructured' or '2:4'; got {pattern!r}")
+    if pattern == "unstructured":
+        return None
+    match = PATTERN_RE.match(pattern)
+    if match is None:
+        raise ValueError(f"pattern must be 'unstructured' or 'N:M' (e.g. '2:4', '4:8'); got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m:
+        raise ValueError(f"pattern {pattern!r}: need 1 <= N < M (N kept of every M); got N={n}, M={m}")
+    if m > MAX_M:
+        raise ValueError(f"pattern {pattern!r}: M must be at most {MAX_M}; got M={m}")
+    return n, m
+
+
+def check_sparsity(sparsity, nm: tuple[int, int] | None) -> float:
+    """Validate ``sparsity`` and return the effective value (``None`` -> the default)."""
+    if nm is not None:
+        n, m = nm
+        implied = 1.0 - n / m
+        if sparsity is None:
+            return implied
+        value = _sparsity_value(sparsity)
+        if not math.isclose(value, implied, rel_tol=0.0, abs_tol=1e-9):
+            raise ValueError(
+                f"sparsity={sparsity!r} contradicts pattern '{n}:{m}', which prunes 1 - {n}/{m} = {implied:g}; "
+                "leave sparsity unset with an N:M pattern"
+            )
+        return implied
+    if sparsity is None:
+        return 0.5
+    value = _sparsity_value(sparsity)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1); got {sparsity!r}")
+    return value
+
+
+def _sparsity_value(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise TypeError(f"sparsity must be a real number in [0, 1); got {sparsity!r} ({type(sparsity).__name__})")
+    value = float(sparsity)
+    if math.isnan(value):
+        raise ValueError(f"sparsity must be in [0, 1); got {sparsity!r}")
+    return value
+
+
+def check_weight(weight, name: str = "weight") -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or nn.Linear; got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{name} must be 2-D (out_features, in_features); got {weight.dim()}-D tensor of shape {tuple(weight.shape)}"
+        )
+    if weight.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {weight.dtype}")
+    if weight.is_sparse or weight.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {weight.layout}")
+    return weight
+
+
+def check_norms(norms, weight: torch.Tensor, metric: str) -> torch.Tensor | None:
+    """Validate ``norms`` against ``weight``; return them as fp32 on the weight's device (or None)."""
+    if norms is None:
+        if metric == "wanda":
+            raise ValueError("norms is None, but metric='wanda' needs ||X_j||_2 per input feature; "
+                             "collect them with ActNormCollector or pass metric='magnitude'")
+        return None
+    if not isinstance(norms, torch.Tensor):
+        raise TypeError(f"norms must be a torch.Tensor of shape ({weight.shape[1]},); got {type(norms).__name__}")
+    if tuple(norms.shape) != (weight.shape[1],):
+        raise ValueError(
+            f"norms must have shape (in_features,) = ({weight.shape[1]},) for weight of shape "
+            f"{tuple(weight.shape)}; got {tuple(norms.shape)}"
+        )
+    if not norms.is_floating_point():
+        raise TypeError(f"norms must be a floating tensor; got {norms.dtype}")
+    if norms.device != weight.device:
+        raise ValueError(f"norms is on {norms.device} but the weight is on {weight.device}; move one of them")
+    norms32 = norms.detach().to(torch.float32)
+    bad = ~torch.isfinite(norms32) | (norms32 < 0)
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0, 0])
+        raise ValueError(f"norms must be finite and non-negative; got norms[{j}] = {float(norms32[j])!r}")
+    # +0.0 for -0.0, so that score bit patterns order like the scores themselves.
+    return norms32.abs().contiguous()
+
+
+def check_divisible(in_features: int, nm: tuple[int, int] | None, what: str = "weight") -> None:
+    if nm is not None and in_features % nm[1] != 0:
+        raise ValueError(
+            f"pattern '{nm[0]}:{nm[1]}' needs in_features divisible by {nm[1]}; {what} has in_features={in_features}"
+        )

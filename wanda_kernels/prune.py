@@ -1,0 +1,155 @@
+"""Public pruning functions: validate once, then dispatch to Triton or torch."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from . import _torch_impl
+from ._backend import resolve_backend
+from ._validation import (
+    METRICS,
+    SCOPES,
+    check_choice,
+    check_divisible,
+    check_norms,
+    check_sparsity,
+    check_weight,
+    parse_pattern,
+)
+from .reference import num_pruned
+
+logger = logging.getLogger("wanda_kernels")
+
+__all__ = ["prune_", "prune_mask"]
+
+
+def _weight_of(layer) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    if isinstance(layer, torch.Tensor):
+        return layer
+    raise TypeError(f"layer must be an nn.Linear or a 2-D weight tensor; got {type(layer).__name__}")
+
+
+def _run(weight, norms, sparsity, pattern, metric, backend, scope, *, write_weight, want_mask):
+    """Validate everything, then compute (and optionally apply) the keep-mask."""
+    check_weight(weight)
+    check_choice("metric", metric, METRICS)
+    check_choice("scope", scope, SCOPES)
+    nm = parse_pattern(pattern)
+    sparsity = check_sparsity(sparsity, nm)
+    if nm is not None and scope != "row":
+        raise ValueError(f"scope={scope!r} applies to unstructured sparsity only; got pattern={pattern!r}")
+    rows, cols = weight.shape
+    check_divisible(cols, nm)
+    norms32 = check_norms(norms, weight, metric)
+    if metric == "magnitude":
+        norms32 = None  # the magnitude score ignores activations
+    chosen = resolve_backend(backend, weight.device)
+    if scope == "layer" and chosen == "triton":
+        if backend == "triton":
+            raise ValueError("scope='layer' (one threshold over the whole matrix) has no Triton kernel; "
+                             "use backend='auto' or 'torch'")
+        chosen = "torch"
+
+    if chosen == "triton":
+        from .kernels.wanda_mask import MAX_UNSTRUCTURED_COLS
+
+        if nm is None and cols > MAX_UNSTRUCTURED_COLS:
+            if backend == "triton":
+                raise ValueError(f"the unstructured Triton kernel holds rows of up to {MAX_UNSTRUCTURED_COLS} "
+                                 f"columns; weight has in_features={cols}. Use backend='auto' or 'torch'")
+            logger.info("in_features=%d > %d: using the torch path", cols, MAX_UNSTRUCTURED_COLS)
+            chosen = "torch"
+
+    with torch.no_grad():
+        if chosen == "triton":
+            from .kernels.wanda_mask import launch_wanda_mask
+
+            mask = torch.empty(rows, cols, dtype=torch.bool, device=weight.device) if want_mask else None
+            k = num_pruned(cols, sparsity) if nm is None else None
+            launch_wanda_mask(weight, norms32, k_prune=k, nm=nm, write_weight=write_weight, mask=mask)
+            return mask
+        if nm is not None:
+            keep = _torch_impl.keep_nm(weight, norms32, *nm)
+        elif scope == "layer":
+            keep = _torch_impl.keep_layer(weight, norms32, num_pruned(weight.numel(), sparsity))
+        else:
+            keep = _torch_impl.keep_unstructured(weight, norms32, num_pruned(cols, sparsity))
+        if write_weight:
+            weight.masked_fill_(~keep, 0)
+        return keep
+
+
+def prune_(
+    layer,
+    norms: torch.Tensor | None,
+    sparsity: float | None = None,
+    *,
+    pattern: str = "unstructured",
+    metric: str = "wanda",
+    backend: str = "auto",
+    return_mask: bool = False,
+    scope: str = "row",
+) -> torch.Tensor | None:
+    """Prune a linear layer in place with Wanda (or magnitude) scores.
+
+    Args:
+        layer: an ``nn.Linear`` (its ``weight`` is pruned) or a weight tensor of shape
+            ``(out_features, in_features)``; float16, bfloat16, float32 (or float64);
+            CPU or CUDA; any strides.
+        norms: ``(in_features,)`` floating tensor on the weight's device: ``||X_j||_2``,
+            the L2 norm of input feature j over the calibration tokens (see
+            :class:`ActNormCollector`). Finite and non-negative. May be None with
+            ``metric="magnitude"``.
+        sparsity: fraction of each row to prune, in ``[0, 1)``; every row loses exactly
+            ``floor(sparsity * in_features)`` weights. Default 0.5; with an N:M pattern
+            leave it unset (it is ``1 - N/M``) or pass exactly that value.
+        pattern: ``"unstructured"`` or ``"N:M"`` (``"2:4"``, ``"4:8"``, any
+            ``1 <= N < M <= 32`` with ``in_features % M == 0``): keep the N highest
+            scores of every M consecutive inputs of a row.
+        metric: ``"wanda"`` (``|W| * norms``) or ``"magnitude"`` (``|W|``).
+        backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"triton"``
+            or ``"torch"``.
+        return_mask: also return the keep-mask.
+        scope: ``"row"`` (the paper's per-output comparison group) or ``"layer"``
+            (one threshold over the whole matrix: the paper's magnitude baseline;
+            unstructured only, torch path).
+
+    Returns:
+        ``None``, or with ``return_mask=True`` the keep-mask: bool
+        ``(out_features, in_features)`` on the weight's device, True = kept.
+
+    Raises:
+        TypeError, ValueError: naming the bad argument; the weight is then unchanged.
+
+    Ties are broken by column index: among equal scores the lower column is pruned
+    first (unstructured) and kept first (N:M); :mod:`wanda_kernels.reference`
+    spells the semantics out.
+    """
+    weight = _weight_of(layer)
+    return _run(weight, norms, sparsity, pattern, metric, backend, scope,
+                write_weight=True, want_mask=return_mask)
+
+
+def prune_mask(
+    weight,
+    norms: torch.Tensor | None,
+    sparsity: float | None = None,
+    *,
+    pattern: str = "unstructured",
+    metric: str = "wanda",
+    backend: str = "auto",
+    scope: str = "row",
+) -> torch.Tensor:
+    """The keep-mask :func:`prune_` would apply, leaving the weight untouched.
+
+    Same arguments as :func:`prune_` (``weight`` may also be an ``nn.Linear``).
+    Returns bool ``(out_features, in_features)`` on the weight's device, True = kept.
+    """
+    weight = _weight_of(weight)
+    return _run(weight, norms, sparsity, pattern, metric, backend, scope,
+                write_weight=False, want_mask=True)
