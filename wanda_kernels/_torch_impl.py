@@ -6,8 +6,8 @@ Same results as :mod:`wanda_kernels.reference`, bit for bit, by different means:
   floats that order is the float order, so selection is exact integer work;
 * unstructured rows use ``kthvalue`` (a selection, O(cols)) plus a tie pass by index
   instead of a full sort;
-* N:M groups rank each element by counting the group members that beat it, which is
-  the same tie rule as a stable descending sort.
+* N:M groups append the column to the key, which makes keys unique and turns the
+  tie rule of a stable descending sort into a plain ``topk``.
 
 Work is split into row chunks so that temporaries stay within a fixed budget.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-# Elements per chunk of temporaries (fp32 scores, int64 cumsums, N:M pairwise compares).
+# Elements per chunk of temporaries (fp32 scores, int64 cumsums and composite keys).
 _CHUNK_ELEMENTS = 1 << 23
 
 
@@ -72,17 +72,21 @@ def keep_layer(weight: torch.Tensor, norms32: torch.Tensor | None, k: int) -> to
 
 
 def keep_nm(weight: torch.Tensor, norms32: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
-    """N:M keep-mask: rank every element within its group, keep ranks ``< n``."""
+    """N:M keep-mask: the ``n`` largest composite keys of every group of ``m``.
+
+    The composite ``key << 5 | (31 - j)`` (``j < m <= 32``, the column within the
+    group) is unique within a group and orders by score first, then lower column
+    first: exactly the order of a stable descending sort. With no ties left,
+    ``topk`` is deterministic, and its n-th value is the group's threshold.
+    """
     rows, cols = weight.shape
-    idx = torch.arange(m, device=weight.device)
-    earlier = idx[None, :] < idx[:, None]  # [i, j]: j comes before i
+    tiebreak = 31 - torch.arange(m, device=weight.device, dtype=torch.int64)
     keep = torch.empty(rows, cols, dtype=torch.bool, device=weight.device)
-    for lo, hi in _row_chunks(rows, cols * m):
-        keys = score_keys(weight[lo:hi], norms32).reshape(hi - lo, cols // m, m)
-        ki, kj = keys.unsqueeze(-1), keys.unsqueeze(-2)
-        beats = (kj > ki) | ((kj == ki) & earlier)  # [..., i, j]: j outranks i
-        rank = beats.sum(dim=-1)
-        keep[lo:hi] = (rank < n).reshape(hi - lo, cols)
+    for lo, hi in _row_chunks(rows, cols * 4):
+        keys = score_keys(weight[lo:hi], norms32).to(torch.int64).reshape(hi - lo, cols // m, m)
+        composite = (keys << 5) | tiebreak
+        nth_best = composite.topk(n, dim=-1).values[..., n - 1 :]
+        keep[lo:hi] = (composite >= nth_best).reshape(hi - lo, cols)
     return keep
 
 

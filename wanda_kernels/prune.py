@@ -81,7 +81,7 @@ def _run(weight, norms, sparsity, pattern, metric, backend, scope, *, write_weig
             keep = _torch_impl.keep_unstructured(weight, norms32, num_pruned(cols, sparsity))
         if write_weight:
             weight.masked_fill_(~keep, 0)
-        return keep
+        return keep if want_mask else None
 
 
 def prune_(

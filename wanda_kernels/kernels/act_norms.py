@@ -18,6 +18,7 @@ import triton.language as tl
 _BLOCK_T = 32
 _BLOCK_C = 128
 _TARGET_PROGRAMS = 1024  # enough to fill an H100's 132 SMs several times over
+_MAX_ITERS = 64  # at most 2048 tokens per program; more tokens mean more programs
 
 
 @triton.jit
@@ -26,24 +27,24 @@ def _sq_norms_kernel(
     partial_ptr,  # (splits, cols) fp32, contiguous
     n_tokens,
     n_cols,
-    tokens_per_split,  # multiple of BLOCK_T
     stride_xt,
     stride_xc,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    ITERS: tl.constexpr,  # token blocks per program (a power of two: few compiled variants)
 ):
     pid_c = tl.program_id(0)
     pid_t = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < n_cols
     col_offs = cols.to(tl.int64) * stride_xc
-    t_start = pid_t * tokens_per_split
-    t_end = tl.minimum(t_start + tokens_per_split, n_tokens)
+    t_start = pid_t * (ITERS * BLOCK_T)
     # A 2-D fp32 accumulator: elementwise adds in the loop, one reduction at the end.
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for t0 in range(t_start, t_end, BLOCK_T):
-        toks = t0 + tl.arange(0, BLOCK_T)
-        ok = (toks < t_end)[:, None] & col_ok[None, :]
+    # A constexpr trip count: Triton 3.6's interpreter cannot loop to a runtime bound.
+    for i in range(ITERS):
+        toks = t_start + i * BLOCK_T + tl.arange(0, BLOCK_T)
+        ok = (toks < n_tokens)[:, None] & col_ok[None, :]
         offs = toks.to(tl.int64)[:, None] * stride_xt + col_offs[None, :]
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         acc += x * x
@@ -63,14 +64,13 @@ def launch_sq_norms(sq_norms: torch.Tensor, x2d: torch.Tensor) -> None:
     col_blocks = triton.cdiv(cols, _BLOCK_C)
     # Split the tokens so that the grid has about _TARGET_PROGRAMS programs; the split
     # depends only on the shape, so results are reproducible across GPUs.
-    max_splits = triton.cdiv(tokens, _BLOCK_T)
-    splits = max(1, min(max_splits, triton.cdiv(_TARGET_PROGRAMS, col_blocks)))
-    tokens_per_split = triton.cdiv(triton.cdiv(tokens, splits), _BLOCK_T) * _BLOCK_T
-    splits = triton.cdiv(tokens, tokens_per_split)
+    want_splits = max(1, triton.cdiv(_TARGET_PROGRAMS, col_blocks))
+    iters = min(_MAX_ITERS, triton.next_power_of_2(triton.cdiv(triton.cdiv(tokens, want_splits), _BLOCK_T)))
+    splits = triton.cdiv(tokens, iters * _BLOCK_T)
     partial = torch.empty(splits, cols, dtype=torch.float32, device=x2d.device)
     with torch.cuda.device(x2d.device) if x2d.is_cuda else contextlib.nullcontext():
         _sq_norms_kernel[(col_blocks, splits)](
-            x2d, partial, tokens, cols, tokens_per_split, x2d.stride(0), x2d.stride(1),
-            BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=4,
+            x2d, partial, tokens, cols, x2d.stride(0), x2d.stride(1),
+            BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, ITERS=iters, num_warps=4,
         )
     sq_norms.add_(partial.sum(dim=0))

@@ -1,0 +1,113 @@
+"""Shared benchmark plumbing: timing, unit conversion, environment capture, result files.
+
+Every unit conversion in the benchmarks goes through :func:`gbps` and :func:`tflops`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Linear-layer shapes (out_features, in_features) of the LLaMA family.
+LLAMA_SHAPES = {
+    "7B": {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)},
+    "13B": {"q/k/v/o": (5120, 5120), "gate/up": (13824, 5120), "down": (5120, 13824)},
+    "70B": {"q/o": (8192, 8192), "k/v": (1024, 8192), "gate/up": (28672, 8192), "down": (8192, 28672)},
+}
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    """Bytes moved in ``ms`` milliseconds, in GB/s (10**9 bytes per second)."""
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def tflops(flops: float, ms: float) -> float:
+    """Floating-point operations in ``ms`` milliseconds, in TFLOP/s (10**12 per second)."""
+    return flops / (ms * 1e-3) / 1e12
+
+
+def bench_ms(fn, device: torch.device, *, cpu_reps: int = 5, cpu_max_s: float = 20.0) -> float:
+    """Median time of ``fn()`` in milliseconds.
+
+    CUDA: ``triton.testing.do_bench`` (median, L2 flushed between runs). CPU: the median
+    of ``cpu_reps`` wall-clock runs after one warm-up, fewer if a run is slow.
+    """
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, return_mode="median"))
+    fn()  # warm-up
+    times = []
+    start = time.perf_counter()
+    for _ in range(cpu_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > cpu_max_s:
+            break
+    return statistics.median(times)
+
+
+def environment(device: torch.device) -> dict:
+    """What the numbers were measured on: device name, library versions, host."""
+    info = {
+        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "device_type": device.type,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device_name=props.name, compute_capability=f"{props.major}.{props.minor}",
+                    cuda=torch.version.cuda, sm_count=props.multi_processor_count)
+    else:
+        info.update(device_name=_cpu_name(), cpu_threads=torch.get_num_threads())
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def write_results(name: str, env: dict, rows: list[dict], out_dir: Path | None = None) -> Path:
+    """Write ``{"environment": env, "results": rows}`` to ``<out_dir>/<name>_<device>.json``."""
+    out_dir = Path(out_dir) if out_dir else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", env.get("device_name", env["device_type"]).lower()).strip("-")
+    path = out_dir / f"{name}_{slug}.json"
+    path.write_text(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
+    return path
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table; ``columns`` is ``[(key, header, format spec)]``."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
