@@ -22,7 +22,6 @@ import logging
 import sys
 
 import torch
-
 from _common import LLAMA_SHAPES, bench_ms, environment, format_table, gbps, write_results
 
 import wanda_kernels as wk

@@ -26,12 +26,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUTHY
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_no_triton_once() -> None:
     warnings.warn(
         "wanda_kernels: Triton is not installed, so CUDA tensors use the slower torch path. "

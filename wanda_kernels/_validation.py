@@ -80,9 +80,8 @@ def check_weight(weight, name: str = "weight") -> torch.Tensor:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or nn.Linear; got {type(weight).__name__}")
     if weight.dim() != 2:
-        raise ValueError(
-            f"{name} must be 2-D (out_features, in_features); got {weight.dim()}-D tensor of shape {tuple(weight.shape)}"
-        )
+        raise ValueError(f"{name} must be 2-D (out_features, in_features); "
+                         f"got {weight.dim()}-D tensor of shape {tuple(weight.shape)}")
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {weight.dtype}")
     if weight.is_sparse or weight.layout != torch.strided:
