@@ -1,10 +1,81 @@
-"""Build script. The package is pure Python (Triton kernels are compiled at run time).
+"""Build script: the pure-Python package plus, where nvcc exists, the CUDA extension _C.
 
-The compiled 2:4 sparse GEMM extension (csrc/, built through CMakeLists.txt) is
-added to this build by the 2:4 inference work; until then `pip install .` needs no
-compiler at all.
+_C (csrc/, CMakeLists.txt) wraps CUTLASS's 2:4 sparse GEMM. It is built by CMake for
+the architectures in WANDA_KERNELS_CUDA_ARCHS (default "80;90") whenever a CUDA
+compiler is found, and skipped, with one message, when none is or when
+WANDA_KERNELS_SKIP_CUDA_BUILD=1. Without _C the package works; SparseLinear then runs
+dense on the decompressed weight and says so.
 """
 
-from setuptools import setup
+from __future__ import annotations
 
-setup()
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "_build_backend"))
+from cuda_env import cuda_archs, find_nvcc, skip_reason  # noqa: E402
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+def cutlass_include_dirs() -> list[str]:
+    if os.environ.get("CUTLASS_HOME"):
+        home = Path(os.environ["CUTLASS_HOME"])
+        return [str(home / "include"), str(home / "tools" / "util" / "include")]
+    spec = importlib.util.find_spec("cutlass_library")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("CUTLASS headers not found: `pip install nvidia-cutlass==4.2.0.0` or set CUTLASS_HOME")
+    src = Path(list(spec.submodule_search_locations)[0]) / "source"
+    return [str(src / "include"), str(src / "tools" / "util" / "include")]
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        archs = cuda_archs()
+        # --fresh: pip builds in a new temporary environment each time, so a cached
+        # configuration would point at tools that no longer exist.
+        args = [
+            "cmake", "--fresh", "-S", str(ROOT), "-B", str(build_dir),
+            f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
+            f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(archs)}",
+            f"-DCUTLASS_INCLUDE_DIRS={';'.join(cutlass_include_dirs())}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DWK_OUTPUT_DIR={out_dir}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        ninja = shutil.which("ninja")
+        if ninja:
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        # Each CUTLASS instantiation takes GBs of compiler memory: cap the parallelism.
+        jobs = os.environ.get("WANDA_KERNELS_BUILD_JOBS", str(min(2, os.cpu_count() or 1)))
+        print(f"wanda_kernels: building _C with CUTLASS for sm_{', sm_'.join(archs)} ({jobs} jobs)", flush=True)
+        subprocess.check_call(args)
+        subprocess.check_call(["cmake", "--build", str(build_dir), "--parallel", jobs])
+
+
+reason = skip_reason()
+if reason is not None:
+    print(f"wanda_kernels: skipping the CUDA extension _C ({reason}); the package works without it, "
+          "and SparseLinear runs dense F.linear instead of the CUTLASS 2:4 kernel", file=sys.stderr, flush=True)
+
+setup(
+    ext_modules=[] if reason else [CMakeExtension("wanda_kernels._C")],
+    cmdclass={"build_ext": CMakeBuild},
+)

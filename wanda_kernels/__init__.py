@@ -11,6 +11,8 @@ import logging
 from . import reference
 from .norms import ActNormCollector, accumulate_sq_norms_
 from .prune import prune_, prune_mask
+from .sparse24 import compress_24, decompress_24, prune_compress_24
+from .sparse_linear import SparseLinear, sparsify_
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,11 @@ __all__ = [
     "prune_mask",
     "accumulate_sq_norms_",
     "ActNormCollector",
+    "compress_24",
+    "decompress_24",
+    "prune_compress_24",
+    "SparseLinear",
+    "sparsify_",
     "reference",
     "__version__",
 ]

@@ -38,6 +38,10 @@ __all__ = [
     "keep_mask",
     "prune",
     "accumulate_sq_norms",
+    "pair_24",
+    "meta_reorder_offsets",
+    "compress_24",
+    "decompress_24",
 ]
 
 
@@ -168,3 +172,88 @@ def accumulate_sq_norms(sq_norms: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     """
     x64 = x.double().reshape(-1, x.shape[-1])
     return sq_norms.double() + (x64 * x64).sum(dim=0)
+
+
+# ---------------------------------------------------------------------------
+# 2:4 compressed format: CUTLASS sm80 SparseGemm's operand A and its metadata E.
+#
+# values (M, K/2): the two stored elements of every group of 4, in column order.
+# meta   (M, K/16) int16, stored in the layout the kernel reads:
+#   * code of a group = idx0 | idx1 << 2, idx0 < idx1 the positions (0..3) of the two
+#     stored elements; four consecutive groups share one int16, group t at bits 4t;
+#   * rows are reordered within blocks of 32 (row r -> 32*(r//32) + 4*(r%8) + (r%32)//8),
+#     then 2x2 blocks of (row, column) are swizzled from Z to N order
+#     (CUTLASS tools/util/host_reorder.h, reorder_meta);
+#   * the result is stored ColumnMajorInterleaved<2>: element (row, col) at
+#     (col // 2) * (2 * M) + 2 * row + col % 2 (CUTLASS layout/matrix.h).
+
+
+def pair_24(nonzero: tuple[bool, bool, bool, bool]) -> tuple[int, int]:
+    """Positions ``(idx0, idx1)`` stored for a group of 4 with these non-zero flags.
+
+    The non-zero positions, filled up (when fewer than two) with position 2, then 3:
+    ``[x,0,0,0] -> (0,2)``, ``[0,x,0,0] -> (1,2)``, ``[0,0,x,0] -> (2,3)``,
+    ``[0,0,0,x] -> (2,3)``, ``[0,0,0,0] -> (2,3)``. A group with more than two
+    non-zeros is not 2:4 and has no pair (ValueError).
+    """
+    picked = [j for j in range(4) if nonzero[j]]
+    if len(picked) > 2:
+        raise ValueError(f"group {nonzero} has more than two non-zeros")
+    for filler in (2, 3):
+        if len(picked) < 2 and filler not in picked:
+            picked.append(filler)
+    idx0, idx1 = sorted(picked)
+    return idx0, idx1
+
+
+def meta_reorder_offsets(m: int, meta_cols: int) -> torch.Tensor:
+    """Flat storage offset of every plain metadata element ``(row, col)``; int64 ``(m, meta_cols)``."""
+    rows = torch.arange(m)[:, None].expand(m, meta_cols)
+    cols = torch.arange(meta_cols)[None, :].expand(m, meta_cols)
+    dst_row = rows // 32 * 32 + (rows % 8) * 4 + (rows % 32) // 8
+    dst_col = cols.clone()
+    z_to_n = (dst_row % 2 == 0) & (dst_col % 2 == 1)
+    n_to_z = (dst_row % 2 == 1) & (dst_col % 2 == 0)
+    dst_row, dst_col = dst_row + z_to_n.long() - n_to_z.long(), dst_col - z_to_n.long() + n_to_z.long()
+    return (dst_col // 2) * (2 * m) + dst_row * 2 + dst_col % 2
+
+
+def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`wanda_kernels.compress_24`: ``(M, K)`` 2:4 -> ``(values, meta)``.
+
+    ``M % 32 == 0``, ``K % 64 == 0``, at most two non-zeros per group of 4.
+    Returns values ``(M, K/2)`` in ``weight.dtype`` and meta ``(M, K/16)`` int16.
+    """
+    m, k = weight.shape
+    groups = weight.reshape(m, k // 4, 4)
+    flags = groups != 0
+    pattern = flags[..., 0] * 1 + flags[..., 1] * 2 + flags[..., 2] * 4 + flags[..., 3] * 8
+    lut = torch.tensor([pair_24(tuple(bool(p >> j & 1) for j in range(4))) if bin(p).count("1") <= 2
+                        else (-1, -1) for p in range(16)])
+    pairs = lut[pattern.cpu()].to(weight.device)  # (m, k/4, 2)
+    if (pairs < 0).any():
+        raise ValueError("weight is not 2:4 sparse")
+    values = groups.gather(2, pairs).reshape(m, k // 2)
+    codes = (pairs[..., 0] | (pairs[..., 1] << 2)).reshape(m, k // 16, 4)
+    plain = codes[..., 0] | (codes[..., 1] << 4) | (codes[..., 2] << 8) | (codes[..., 3] << 12)
+    meta = torch.empty(m * (k // 16), dtype=torch.int64, device=weight.device)
+    meta[meta_reorder_offsets(m, k // 16).reshape(-1).to(weight.device)] = plain.reshape(-1)
+    return values, _to_int16(meta).reshape(m, k // 16)
+
+
+def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`wanda_kernels.decompress_24`: ``(values, meta)`` -> dense ``(M, K)``."""
+    m, half_k = values.shape
+    k = half_k * 2
+    offsets = meta_reorder_offsets(m, k // 16).to(meta.device)
+    plain = meta.reshape(-1).long().bitwise_and(0xFFFF)[offsets.reshape(-1)].reshape(m, k // 16)
+    nibbles = torch.stack([(plain >> (4 * t)) & 0xF for t in range(4)], dim=-1).reshape(m, k // 4)
+    pairs = torch.stack([nibbles & 0x3, nibbles >> 2], dim=-1)  # (m, k/4, 2)
+    dense = torch.zeros(m, k // 4, 4, dtype=values.dtype, device=values.device)
+    dense.scatter_(2, pairs, values.reshape(m, k // 4, 2))
+    return dense.reshape(m, k)
+
+
+def _to_int16(x: torch.Tensor) -> torch.Tensor:
+    """int64 holding 16-bit patterns -> int16 with the same bits (two's complement)."""
+    return (((x & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16)

@@ -1,0 +1,49 @@
+"""Loading of the compiled extension ``wanda_kernels._C`` (the CUTLASS 2:4 GEMM).
+
+Imported lazily, on the first call that wants it; never at ``import wanda_kernels``.
+Importing it initialises nothing on the GPU (its CUDA runtime is static and lazy).
+"""
+
+from __future__ import annotations
+
+import functools
+
+BUILD_HINT = (
+    "build it with `pip install .` from a checkout on a machine with nvcc (CUDA 11.8 or later) on PATH; "
+    "WANDA_KERNELS_CUDA_ARCHS picks the GPUs (default '80;90')"
+)
+
+
+@functools.cache
+def _load():
+    try:
+        from . import _C  # noqa: PLC0415
+    except ImportError as exc:
+        return None, f"the extension wanda_kernels._C is not built ({exc}); {BUILD_HINT}"
+    return _C, None
+
+
+def extension():
+    """The ``_C`` module, or None when it is not built."""
+    return _load()[0]
+
+
+def extension_error() -> str | None:
+    """Why ``_C`` is unavailable (with how to build it), or None when it loaded."""
+    return _load()[1]
+
+
+def built_archs() -> list[int]:
+    """Compute capabilities (e.g. ``[80, 90]``) that ``_C`` has kernels for; [] without ``_C``."""
+    mod = extension()
+    if mod is None:
+        return []
+    return [int(a.rstrip("a")) for a in str(mod.cuda_archs).split(",") if a.strip()]
+
+
+def runs_on(major: int, minor: int) -> bool:
+    """Whether ``_C``'s machine code runs on a GPU of compute capability ``major.minor``.
+
+    sm_XY code runs on X.Z for Z >= Y (same major version) only.
+    """
+    return any(a // 10 == major and a % 10 <= minor for a in built_archs())
