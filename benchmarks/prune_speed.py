@@ -22,9 +22,9 @@ import logging
 import sys
 
 import torch
-from _common import LLAMA_SHAPES, bench_ms, environment, format_table, gbps, write_results
 
 import wanda_kernels as wk
+from _common import LLAMA_SHAPES, bench_ms, environment, format_table, gbps, write_results
 from wanda_kernels import reference
 
 log = logging.getLogger("prune_speed")

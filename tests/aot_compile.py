@@ -19,7 +19,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from wanda_kernels.kernels import act_norms, wanda_mask  # noqa: E402
+from wanda_kernels.kernels import act_norms, prune_compress, wanda_mask  # noqa: E402
 
 TORCH_TO_TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -41,6 +41,11 @@ def variants():
                "stride_xt": "i64", "stride_xc": "i64"}
         const = {"BLOCK_T": act_norms._BLOCK_T, "BLOCK_C": act_norms._BLOCK_C, "ITERS": act_norms._MAX_ITERS}
         yield "_sq_norms_kernel", act_norms._sq_norms_kernel, sig, const, 4
+        if dt != "fp32":  # the 2:4 format is for 16-bit weights
+            sig = {"w_ptr": f"*{dt}", "norms_ptr": "*fp32", "values_ptr": "*i16", "meta_ptr": "*i16",
+                   "n_rows": "i32", "n_cols": "i32", "stride_wr": "i64", "stride_wc": "i64"}
+            const = {"USE_NORMS": True, "BLOCK_E": prune_compress._BLOCK_E}
+            yield "_prune_compress_24_kernel", prune_compress._prune_compress_24_kernel, sig, const, 4
 
 
 def main():

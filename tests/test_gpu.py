@@ -70,3 +70,59 @@ def test_second_gpu_if_present():
     keep = wk.prune_mask(w, norms, 0.5)
     assert keep.device == w.device
     assert torch.equal(keep.cpu(), reference.keep_mask(w.cpu(), norms.cpu(), 0.5))
+
+
+# ---------------------------------------------------------------------------
+# 2:4 sparse inference on the GPU (CUTLASS kernel of the compiled extension).
+
+def _cutlass_ready():
+    from wanda_kernels.sparse_linear import cutlass_unavailable_reason
+
+    reason = cutlass_unavailable_reason(torch.empty(1, device="cuda", dtype=torch.float16))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("out_f", "in_f"), [(4096, 4096), (11008, 4096), (4096, 11008), (100, 200)])
+@pytest.mark.parametrize("tokens", [1, 13, 128, 2048])
+def test_sparse_linear_error_within_twice_dense(out_f, in_f, tokens, dtype):
+    _cutlass_ready()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lin = torch.nn.Linear(in_f, out_f, device="cuda", dtype=dtype)
+    wk.prune_(lin, torch.rand(in_f, generator=g, device="cuda") + 0.1, pattern="2:4")
+    sl = wk.SparseLinear.from_linear(lin)
+    assert sl.backend() == "cutlass-2:4"
+    x = torch.randn(tokens, in_f, generator=g, device="cuda", dtype=dtype)
+    ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    dense_err = (torch.nn.functional.linear(x, lin.weight, lin.bias).float() - ref).abs().max()
+    y = sl(x)
+    assert y.shape == (tokens, out_f) and y.is_contiguous()
+    sparse_err = (y.float() - ref).abs().max()
+    # Both round the same fp32 accumulation to dtype; summation order differs.
+    assert sparse_err <= 2 * dense_err + 1e-6, (float(sparse_err), float(dense_err))
+
+
+def test_sparse_linear_compiles_and_batches():
+    _cutlass_ready()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 11008), torch.nn.SiLU(), torch.nn.Linear(11008, 4096))
+    model = model.cuda().half()
+    for lin in (model[0], model[2]):
+        wk.prune_(lin, torch.rand(lin.in_features, device="cuda") + 0.1, pattern="2:4")
+    x = torch.randn(2, 7, 4096, device="cuda", dtype=torch.float16)
+    expected = model(x)
+    assert wk.sparsify_(model) == ["0", "2"]
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(eager, expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+def test_prune_compress_on_gpu_equals_torch_path():
+    g = torch.Generator(device="cuda").manual_seed(4)
+    w = torch.randn(4096, 11008, generator=g, device="cuda").half()
+    norms = torch.rand(11008, generator=g, device="cuda")
+    v, m = wk.prune_compress_24(w, norms)  # Triton on CUDA
+    tv, tm = wk.prune_compress_24(w, norms, backend="torch")
+    assert torch.equal(v.view(torch.int16), tv.view(torch.int16)) and torch.equal(m, tm)

@@ -51,7 +51,7 @@ def _warn_once(reason: str) -> None:
                   stacklevel=3)
 
 
-def _cutlass_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],
+def _cutlass_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
                     out_features: int) -> torch.Tensor:
     """``y = x @ W.T (+ bias)`` with the CUTLASS kernel; pads tokens and in_features as needed."""
     ext = extension()
@@ -87,8 +87,10 @@ def _cutlass_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     return y.reshape(*x.shape[:-1], out_features)
 
 
+# Optional[...], not "X | None": torch evaluates these annotations to infer the op's
+# schema, and must be able to on Python 3.9.
 @torch.library.custom_op("wanda_kernels::sparse24_linear", mutates_args=())
-def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],
+def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],  # noqa: UP045
                     out_features: int) -> torch.Tensor:
     """``x (..., in) -> (..., out_features)`` with a compressed 2:4 weight (see SparseLinear)."""
     reason = cutlass_unavailable_reason(x)

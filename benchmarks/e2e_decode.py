@@ -1,0 +1,133 @@
+"""Decode throughput of a LLaMA-7B-shaped decoder, dense vs 2:4 sparse: ``python benchmarks/e2e_decode.py``
+
+A stack of random LLaMA-7B-shaped decoder layers (hidden 4096, MLP 11008, 32 heads,
+RMSNorm, SwiGLU, attention over a KV cache; 32 layers by default) is pruned 2:4 with
+Wanda (random activation norms), then timed generating tokens one step at a time at
+batch 1 and 16: first dense (the pruned weights in nn.Linear, cuBLAS), then after
+``sparsify_`` (SparseLinear, CUTLASS 2:4). Reports tokens/s and the speedup; writes
+JSON under ``benchmarks/results/``. Needs a CUDA GPU (exits with status 2 otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _common import environment, format_table, write_results
+
+log = logging.getLogger("e2e_decode")
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, hidden // heads
+        self.input_norm = nn.RMSNorm(hidden)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(hidden, hidden, bias=False) for _ in range(4))
+        self.post_norm = nn.RMSNorm(hidden)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x, cache_k, cache_v, pos: int):
+        b = x.shape[0]
+        h = self.input_norm(x)
+        q, k, v = (p(h).view(b, 1, self.heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        cache_k[:, :, pos : pos + 1] = k
+        cache_v[:, :, pos : pos + 1] = v
+        attn = F.scaled_dot_product_attention(q, cache_k[:, :, : pos + 1], cache_v[:, :, : pos + 1])
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, 1, -1))
+        h = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def decode_tokens_per_s(layers, batch, context, steps, hidden, heads, device, dtype, repeats=3):
+    head_dim = hidden // heads
+    caches = [(torch.randn(batch, heads, context + steps, head_dim, device=device, dtype=dtype),
+               torch.randn(batch, heads, context + steps, head_dim, device=device, dtype=dtype)) for _ in layers]
+
+    def run(n):
+        x = torch.randn(batch, 1, hidden, device=device, dtype=dtype)
+        for i in range(n):
+            for layer, (ck, cv) in zip(layers, caches):
+                x = layer(x, ck, cv, context + i)
+        return x
+
+    with torch.no_grad():
+        run(2)  # warm-up
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run(steps)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return batch * steps / statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=32, help="decoder layers (LLaMA-7B: 32)")
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=11008)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--context", type=int, default=512, help="tokens already in the KV cache")
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--allow-cpu", action="store_true", help="smoke-test on CPU with a tiny model (for CI)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif args.allow_cpu:
+        device = torch.device("cpu")
+        args.layers, args.hidden, args.intermediate, args.heads, args.context, args.steps = 2, 128, 256, 4, 16, 4
+    else:
+        print("e2e_decode.py measures GPU decoding and needs a CUDA GPU; none is visible here "
+              "(torch.cuda.is_available() is False).", file=sys.stderr)
+        return 2
+
+    import wanda_kernels as wk
+
+    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+    torch.manual_seed(0)
+    layers = nn.ModuleList(DecoderLayer(args.hidden, args.intermediate, args.heads)
+                           for _ in range(args.layers)).to(device=device, dtype=dtype)
+    for lin in (m for m in layers.modules() if isinstance(m, nn.Linear)):
+        wk.prune_(lin, torch.rand(lin.in_features, device=device) + 0.1, pattern="2:4")
+    log.info("%d layers, hidden %d, MLP %d, %s, pruned 2:4", args.layers, args.hidden, args.intermediate, dtype)
+
+    dims = (args.context, args.steps, args.hidden, args.heads, device, dtype)
+    rows = [dict(batch=b, dense_tok_s=decode_tokens_per_s(layers, b, *dims)) for b in args.batches]
+    replaced = wk.sparsify_(layers)
+    backend = layers[0].q_proj.backend()
+    log.info("sparsify_ replaced %d linear layers (backend: %s)", len(replaced), backend)
+    for row in rows:
+        row["sparse_tok_s"] = decode_tokens_per_s(layers, row["batch"], *dims)
+        row["speedup"] = row["sparse_tok_s"] / row["dense_tok_s"]
+        row.update(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, context=args.context,
+                   steps=args.steps, dtype=args.dtype, sparse_backend=backend)
+    print(format_table(rows, [("batch", "batch", "d"), ("dense_tok_s", "dense tok/s", ".1f"),
+                              ("sparse_tok_s", "2:4 tok/s", ".1f"), ("speedup", "speedup", ".2f")]))
+    env = environment(device)
+    if device.type == "cpu":
+        env["note"] = "CPU smoke run of the script: not a GPU measurement"
+    print(f"\nwrote {write_results('e2e_decode', env, rows, args.out_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""2:4 sparse GEMM vs dense: ``python benchmarks/gemm_2to4.py``
+
+For LLaMA-7B/13B/70B linear shapes and 1, 16, 128, 2048, 8192 tokens, in fp16 and
+bf16, times in one run (``triton.testing.do_bench`` medians):
+
+* dense  ``torch.nn.functional.linear`` (cuBLAS);
+* ours   ``SparseLinear`` (the CUTLASS 2:4 kernel plus the pass that writes y as
+  (tokens, out) with the bias), and the kernel alone;
+* torch  PyTorch's ``to_sparse_semi_structured`` weight in ``F.linear`` (its CUTLASS
+  backend on compute capability 8.x, cuSPARSELt elsewhere; the table says which ran, or
+  why none could).
+
+TFLOP/s are effective dense rates, 2 * tokens * out * in / time, for every column, so
+they compare directly. Writes JSON and CSV with the GPU name and versions, and a PNG of
+the speedup over dense against tokens, under ``benchmarks/results/``.
+Needs a CUDA GPU: without one it says so and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from _common import LLAMA_SHAPES, bench_ms, environment, format_table, tflops, write_results
+
+log = logging.getLogger("gemm_2to4")
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+TOKENS = [1, 16, 128, 2048, 8192]
+
+
+def torch_semi_structured(weight: torch.Tensor):
+    """PyTorch's 2:4 weight for F.linear, and the backend name; or (None, reason)."""
+    try:
+        from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+    except ImportError as exc:
+        return None, f"unavailable ({exc})"
+    major, _ = torch.cuda.get_device_capability(weight.device)
+    cusparselt = getattr(torch.backends, "cusparselt", None)
+    has_lt = bool(cusparselt and cusparselt.is_available())
+    attempts = [(True, "cutlass")] if major == 8 else []
+    if has_lt:
+        attempts.append((False, "cusparselt"))
+    reasons = []
+    for force_cutlass, name in attempts:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = force_cutlass
+        try:
+            sparse = to_sparse_semi_structured(weight)
+            F.linear(torch.zeros(8, weight.shape[1], dtype=weight.dtype, device=weight.device), sparse)
+            return sparse, name
+        except Exception as exc:  # noqa: BLE001 - report any refusal as the reason
+            reasons.append(f"{name}: {str(exc).splitlines()[0][:120]}")
+    if not attempts:
+        reasons.append(f"its CUTLASS backend takes compute capability 8.x only (this GPU is {major}.x) and "
+                       "cuSPARSELt is not available in this torch build")
+    return None, "; ".join(reasons)
+
+
+def run_case(model, layer, shape, tokens, dtype, device):
+    import wanda_kernels as wk
+    from wanda_kernels.sparse_linear import cutlass_unavailable_reason
+
+    out_f, in_f = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    lin = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
+    wk.prune_(lin, torch.rand(in_f, generator=g, device=device) + 0.1, pattern="2:4")
+    weight = lin.weight.detach()
+    x = torch.randn(tokens, in_f, generator=g, device=device, dtype=dtype)
+    flops = 2.0 * tokens * out_f * in_f
+    row = dict(model=model, layer=layer, out_features=out_f, in_features=in_f, tokens=tokens,
+               dtype=str(dtype).replace("torch.", ""))
+
+    row["dense_ms"] = bench_ms(lambda: F.linear(x, weight), device)
+    sl = wk.SparseLinear.from_linear(lin)
+    row["ours_backend"] = sl.backend()
+    row["ours_ms"] = bench_ms(lambda: sl(x), device)
+    if device.type == "cuda" and cutlass_unavailable_reason(x) is None:
+        row["ours_kernel_ms"] = bench_ms(lambda: _kernel_only(sl, x), device)
+    sparse_w, row["torch_backend"] = torch_semi_structured(weight) if device.type == "cuda" else (None, "no CUDA")
+    row["torch_ms"] = bench_ms(lambda: F.linear(x, sparse_w), device) if sparse_w is not None else None
+
+    for key in ("dense", "ours", "ours_kernel", "torch"):
+        ms = row.get(f"{key}_ms")
+        row[f"{key}_tflops"] = tflops(flops, ms) if ms else None
+    row["speedup_ours"] = row["dense_ms"] / row["ours_ms"]
+    row["speedup_torch"] = row["dense_ms"] / row["torch_ms"] if row["torch_ms"] else None
+    return row
+
+
+def _kernel_only(sl, x):
+    """The CUTLASS GEMM alone (D = W x^T into a preallocated buffer), without the output pass."""
+    from wanda_kernels._ext import extension
+
+    ext = extension()
+    n_pad = (x.shape[0] + 7) // 8 * 8
+    buf = _kernel_only.buffers.get((x.shape, n_pad))
+    if buf is None:
+        xb = x.new_zeros(n_pad, x.shape[1])
+        xb[: x.shape[0]] = x
+        d = torch.empty(sl.values.shape[0], n_pad, dtype=x.dtype, device=x.device)
+        buf = _kernel_only.buffers[(x.shape, n_pad)] = (xb, d)
+    xb, d = buf
+    ext.sparse24_gemm(0 if x.dtype == torch.float16 else 1, 0 if n_pad <= 128 else 1, sl.values.shape[0], n_pad,
+                      2 * sl.values.shape[1], sl.values.data_ptr(), sl.meta.data_ptr(), xb.data_ptr(), xb.stride(0),
+                      d.data_ptr(), n_pad, torch.cuda.current_stream(x.device).cuda_stream)
+
+
+_kernel_only.buffers = {}
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, dtype in zip(axes, ("float16", "bfloat16")):
+        for (model, layer), group in _groups(rows, dtype).items():
+            ax.plot([r["tokens"] for r in group], [r["speedup_ours"] for r in group], marker="o",
+                    label=f"{model} {layer} ({group[0]['out_features']}x{group[0]['in_features']})")
+        ax.axhline(1.0, color="gray", lw=1, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.set_title(f"SparseLinear (2:4) speedup over dense, {dtype}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("dense time / sparse time")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _groups(rows, dtype):
+    groups = {}
+    for r in rows:
+        if r["dtype"] == dtype:
+            groups.setdefault((r["model"], r["layer"]), []).append(r)
+    return groups
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(LLAMA_SHAPES), choices=list(LLAMA_SHAPES))
+    p.add_argument("--tokens", nargs="+", type=int, default=TOKENS, help=f"token counts (default {TOKENS})")
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--out-dir", default=None, help="where results go (default benchmarks/results)")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="smoke-test this script on CPU at tiny shapes (no GPU numbers; for CI)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        shapes = {m: LLAMA_SHAPES[m] for m in args.models}
+    elif args.allow_cpu:
+        device = torch.device("cpu")
+        shapes = {"tiny": {"smoke": (64, 128)}}
+        args.tokens = [t for t in args.tokens if t <= 16] or [1]
+    else:
+        print("gemm_2to4.py times GPU kernels and needs a CUDA GPU (compute capability 8.0 or later); "
+              "none is visible here (torch.cuda.is_available() is False).", file=sys.stderr)
+        return 2
+
+    env = environment(device)
+    log.info("Device: %s | torch %s | triton %s", env["device_name"], env["torch"], env["triton"])
+    rows = []
+    for model, layers in shapes.items():
+        for layer, shape in layers.items():
+            for dtype_name in args.dtypes:
+                for tokens in args.tokens:
+                    rows.append(run_case(model, layer, shape, tokens, DTYPES[dtype_name], device))
+                    r = rows[-1]
+                    log.info("%s %-8s %5d tok %s: dense %.4f ms, ours %.4f ms (%.2fx), torch %s", model, layer,
+                             tokens, dtype_name, r["dense_ms"], r["ours_ms"], r["speedup_ours"],
+                             f"{r['torch_ms']:.4f} ms" if r["torch_ms"] else f"- ({r['torch_backend']})")
+
+    print(format_table(rows, [
+        ("model", "model", ""), ("layer", "layer", ""), ("out_features", "out", "d"), ("in_features", "in", "d"),
+        ("tokens", "tokens", "d"), ("dtype", "dtype", ""), ("dense_ms", "dense ms", ".4f"),
+        ("dense_tflops", "TF/s", ".1f"), ("ours_ms", "ours ms", ".4f"), ("ours_tflops", "TF/s", ".1f"),
+        ("speedup_ours", "x dense", ".2f"), ("ours_kernel_ms", "kernel ms", ".4f"), ("torch_ms", "torch ms", ".4f"),
+        ("speedup_torch", "x dense", ".2f"),
+    ]))
+    backends = sorted({r["torch_backend"] for r in rows})
+    print(f"\nPyTorch 2:4 backend: {'; '.join(backends)}")
+    print(f"SparseLinear backend: {'; '.join(sorted({r['ours_backend'] for r in rows}))}")
+    if device.type == "cpu":
+        env["note"] = "CPU smoke run of the script: not a GPU measurement"
+    json_path = write_results("gemm_2to4", env, rows, args.out_dir)
+    csv_path = json_path.with_suffix(".csv")
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    png = plot(rows, json_path.with_suffix(".png"))
+    print(f"\nwrote {json_path}, {csv_path}" + (f", {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The benchmark scripts run (CPU smoke mode) and refuse cleanly without a GPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(script, *args, tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, str(BENCH / script), *args, "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("script", ["gemm_2to4.py", "e2e_decode.py"])
+def test_gpu_benchmarks_refuse_without_cuda(script, tmp_path):
+    if os.path.exists("/dev/nvidiactl"):
+        pytest.skip("a GPU machine")
+    proc = _run(script, tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_gemm_2to4_smoke(tmp_path):
+    proc = _run("gemm_2to4.py", "--allow-cpu", "--tokens", "1", "16", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("gemm_2to4_*.json")
+    data = json.loads(result.read_text())
+    assert data["environment"]["torch"] and "device_name" in data["environment"]
+    rows = data["results"]
+    assert {r["tokens"] for r in rows} == {1, 16} and {r["dtype"] for r in rows} == {"float16", "bfloat16"}
+    for r in rows:
+        assert r["dense_ms"] > 0 and r["ours_ms"] > 0 and r["speedup_ours"] == pytest.approx(r["dense_ms"] / r["ours_ms"])
+    assert result.with_suffix(".csv").exists()
+    if __import__("importlib").util.find_spec("matplotlib"):
+        assert result.with_suffix(".png").stat().st_size > 0
+
+
+def test_e2e_decode_smoke(tmp_path):
+    proc = _run("e2e_decode.py", "--allow-cpu", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("e2e_decode_*.json")
+    rows = json.loads(result.read_text())["results"]
+    assert [r["batch"] for r in rows] == [1, 16]
+    assert all(r["dense_tok_s"] > 0 and r["sparse_tok_s"] > 0 for r in rows)
+
+
+def test_prune_speed_smoke(tmp_path):
+    proc = _run("prune_speed.py", "--models", "7B", "--cpu-rows", "8", "--patterns", "unstructured", "2:4",
+                tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("prune_speed_*.json")
+    rows = json.loads(result.read_text())["results"]
+    assert len(rows) == 3 * 2
+    for r in rows:
+        assert r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["ours_gbps"] > 0

@@ -1,0 +1,123 @@
+"""The compiled extension's host side: loads without a GPU, checks arguments, runs CUTLASS's can_implement.
+
+Built by `pip install .` wherever nvcc exists (CI included). Without it these tests
+skip, except in CI (CI=true) on a machine with nvcc and no WANDA_KERNELS_SKIP_CUDA_BUILD,
+where a missing _C is a failure.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wanda_kernels import _ext
+
+P = 0x10000  # a 16-byte aligned stand-in pointer: can_implement never dereferences
+
+
+@pytest.fixture(scope="module")
+def ext():
+    mod = _ext.extension()
+    if mod is None:
+        deliberately_skipped = os.environ.get("WANDA_KERNELS_SKIP_CUDA_BUILD", "") not in ("", "0")
+        if os.environ.get("CI", "").lower() == "true" and shutil.which("nvcc") and not deliberately_skipped:
+            pytest.fail(f"CI has nvcc but the extension did not build: {_ext.extension_error()}")
+        pytest.skip(_ext.extension_error())
+    return mod
+
+
+def test_extension_links_no_libtorch_and_static_cudart(ext):
+    with open(ext.__file__, "rb") as fh:
+        blob = fh.read()
+    assert b"libcudart.so" not in blob  # cudart is linked statically
+    assert b"libtorch" not in blob and b"libc10" not in blob
+
+
+def test_shared_object_has_sparse_tensor_core_kernels_for_each_arch(ext):
+    # cuobjdump ships in Triton's wheel; the .so must hold sm_80 and sm_90 cubins whose
+    # SASS uses the sparse MMA (HMMA.*.SP).
+    triton = pytest.importorskip("triton")
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip("no cuobjdump in this Triton wheel")
+    elfs = subprocess.run([str(tool), "-lelf", ext.__file__], capture_output=True, text=True, check=True).stdout
+    for arch in _ext.built_archs():
+        assert f"sm_{arch}" in elfs, elfs
+    sass = subprocess.run([str(tool), "-sass", ext.__file__], capture_output=True, text=True, check=True).stdout
+    assert sum(1 for line in sass.splitlines() if "HMMA" in line and ".SP" in line) > 0
+
+
+def test_build_info(ext):
+    assert _ext.built_archs() == [int(a) for a in ext.cuda_archs.split(",")]
+    assert set(_ext.built_archs()) >= {80} and all(a >= 80 for a in _ext.built_archs())
+    assert ext.cutlass_version.count(".") == 2
+    assert ext.config_shape(0) == (64, 64, 64, 8)
+    assert ext.config_shape(1) == (128, 128, 64, 8)
+
+
+def test_runs_on_follows_sass_compatibility(ext):
+    archs = _ext.built_archs()
+    if 80 in archs:
+        assert _ext.runs_on(8, 0) and _ext.runs_on(8, 6) and _ext.runs_on(8, 9)
+    if 90 in archs:
+        assert _ext.runs_on(9, 0)
+    assert not _ext.runs_on(7, 5) and not _ext.runs_on(12, 0)
+
+
+@pytest.mark.parametrize("dtype", [0, 1])
+@pytest.mark.parametrize(("config", "m", "n", "k"), [(1, 4096, 2048, 4096), (1, 11008, 8192, 4096), (0, 4096, 8, 11008), (0, 1024, 16, 8192)])
+def test_can_implement_llama_shapes(ext, dtype, config, m, n, k):
+    assert ext.can_implement(dtype, config, m, n, k, P, P, P, k, P, n) == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(m=48), r"m \(out_features\) must be a positive multiple of 32; got 48"),
+        (dict(k=96), r"k \(in_features\) must be a positive multiple of 64; got 96"),
+        (dict(n=0), r"n \(tokens\) must be positive; got 0"),
+        (dict(n=12, ldd=12), r"n \(tokens\) must be a multiple of 8 for config 1; got 12"),
+        (dict(values=P + 2), r"values must be 16-byte aligned; got 0x10002"),
+        (dict(meta=0), r"meta is a null pointer"),
+        (dict(x=P + 8), r"x must be 16-byte aligned"),
+        (dict(ldb=4100), r"x row stride \(ldb\) must be >= k and a multiple of 8; got 4100"),
+        (dict(ldd=8), r"out row stride \(ldd\) must be >= n"),
+        (dict(dtype=2), r"dtype must be 0 \(float16\) or 1 \(bfloat16\); got 2"),
+        (dict(config=5), r"config must be 0 \(decode\) or 1 \(large\); got 5"),
+    ],
+)
+def test_argument_checks_name_the_argument(ext, change, message):
+    args = dict(dtype=0, config=1, m=4096, n=2048, k=4096, values=P, meta=P, x=P, ldb=4096, out=P, ldd=2048)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        ext.can_implement(**args)
+    with pytest.raises(ValueError, match=message):
+        ext.sparse24_gemm(**args, stream=0)
+
+
+def test_status_strings(ext):
+    assert ext.status_string(0) == "Success"
+    assert "Misaligned" in ext.status_string(1) or "misaligned" in ext.status_string(1).lower()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
+def test_launch_without_gpu_reports_a_status(ext):
+    if os.path.exists("/dev/nvidiactl"):
+        pytest.skip("a GPU machine: the launch would run for real")
+    status = ext.sparse24_gemm(0, 1, 4096, 2048, 4096, P, P, P, 4096, P, 2048, 0)
+    assert status != 0 and ext.status_string(status)
+
+
+def test_cpu_input_reason_names_the_device():
+    reason = __import__("wanda_kernels.sparse_linear", fromlist=["x"]).cutlass_unavailable_reason(torch.empty(1))
+    assert reason and "cpu" in reason
+
+
+def test_missing_extension_message_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(_ext, "_load", lambda: (None, f"the extension wanda_kernels._C is not built (x); {_ext.BUILD_HINT}"))
+    assert "pip install ." in _ext.extension_error() and "nvcc" in _ext.extension_error()
+    assert _ext.built_archs() == [] and not _ext.runs_on(8, 0)

@@ -1,0 +1,176 @@
+"""SparseLinear and sparsify_ on CPU (the dense fallback path), and their refusals."""
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import wanda_kernels as wk
+from wanda_kernels import sparse_linear
+
+
+def pruned_linear(in_f, out_f, dtype=torch.float16, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias).to(dtype)
+    wk.prune_(lin, torch.rand(in_f) + 0.1, pattern="2:4")
+    return lin
+
+
+@pytest.fixture(autouse=True)
+def _quiet_fallback_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="SparseLinear runs dense", category=RuntimeWarning)
+        yield
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("in_f", "out_f", "bias"), [(128, 64, True), (100, 40, True), (4096, 96, False), (64, 32, True)])
+def test_forward_equals_linear_on_the_masked_weight(in_f, out_f, bias, dtype):
+    lin = pruned_linear(in_f, out_f, dtype, bias)
+    sl = wk.SparseLinear.from_linear(lin)
+    for shape in [(in_f,), (3, in_f), (2, 5, in_f), (0, in_f)]:
+        x = torch.randn(*shape).to(dtype)
+        y = sl(x)
+        assert y.shape == (*shape[:-1], out_f)
+        # The decompressed weight is the masked weight exactly, so the results are identical.
+        assert torch.equal(y, F.linear(x, lin.weight, lin.bias))
+    assert torch.equal(sl.to_dense(), lin.weight.detach())
+
+
+def test_padding_is_invisible():
+    sl = wk.SparseLinear.from_linear(pruned_linear(100, 40))
+    assert sl.values.shape == (64, 64) and sl.meta.shape == (64, 8)  # (32, 64) multiples: 64 x 128
+    assert "padded=(64, 128)" in repr(sl)
+    assert sl.to_dense().shape == (40, 100)
+
+
+def test_state_dict_round_trip_through_torch_save():
+    sl = wk.SparseLinear.from_linear(pruned_linear(128, 64, torch.bfloat16))
+    buf = io.BytesIO()
+    torch.save(sl.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)  # tensors only, no pickled code
+    assert set(state) == {"values", "meta", "bias"}
+    fresh = wk.SparseLinear(128, 64, dtype=torch.bfloat16)
+    fresh.load_state_dict(state)
+    x = torch.randn(4, 128).bfloat16()
+    assert torch.equal(fresh(x), sl(x))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        wk.SparseLinear(256, 64, dtype=torch.bfloat16).load_state_dict(state)
+
+
+def test_no_bias_state_dict():
+    sl = wk.SparseLinear.from_linear(pruned_linear(64, 32, bias=False))
+    assert sl.bias is None and set(sl.state_dict()) == {"values", "meta"}
+
+
+def test_warns_once_and_names_why():
+    sparse_linear._warn_once.cache_clear()
+    sl = wk.SparseLinear.from_linear(pruned_linear(64, 32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sl(torch.randn(2, 64).half())
+        sl(torch.randn(2, 64).half())
+    msgs = [str(w.message) for w in caught if "SparseLinear" in str(w.message)]
+    assert len(msgs) == 1
+    assert "dense F.linear" in msgs[0] and "the input is on cpu" in msgs[0]
+
+
+def test_extra_repr_shows_shapes_and_backend():
+    text = repr(wk.SparseLinear.from_linear(pruned_linear(128, 64)))
+    for part in ("in_features=128", "out_features=64", "values=(64, 64)", "meta=(64, 8)", "backend=dense fallback"):
+        assert part in text
+
+
+def test_torch_compile_traces_the_custom_op():
+    model = nn.Sequential(wk.SparseLinear.from_linear(pruned_linear(128, 64)), nn.ReLU())
+    x = torch.randn(3, 128).half()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # runs the fake impl while tracing
+    assert torch.equal(compiled(x), model(x))
+    fake = sparse_linear._sparse24_linear_fake(torch.empty(2, 7, 128), None, None, None, 64)
+    assert fake.shape == (2, 7, 64)
+
+
+# ---------------------------------------------------------------------------
+# sparsify_
+
+def _model():
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("up", pruned_linear(64, 128))
+    m.add_module("act", nn.ReLU())
+    m.add_module("block", nn.Sequential(pruned_linear(128, 64, bias=False), nn.Linear(64, 64).half()))
+    m.add_module("head", nn.Linear(64, 10).half())
+    return m
+
+
+def test_sparsify_replaces_exactly_the_24_layers():
+    model = _model()
+    x = torch.randn(5, 64).half()
+    expected = model(x)
+    names = wk.sparsify_(model)
+    assert names == ["up", "block.0"]
+    assert isinstance(model.up, wk.SparseLinear) and isinstance(model.block[0], wk.SparseLinear)
+    assert type(model.block[1]) is nn.Linear and type(model.head) is nn.Linear
+    assert torch.equal(model(x), expected)
+    assert wk.sparsify_(model) == []  # nothing left to replace
+
+
+def test_sparsify_filter():
+    model = _model()
+    assert wk.sparsify_(model, filter_fn=lambda name, mod: name.startswith("block")) == ["block.0"]
+    assert type(model.up) is nn.Linear
+
+
+def test_sparsify_refuses_fp32_and_changes_nothing():
+    model = _model()
+    model.block[0].float()
+    with pytest.raises(TypeError, match=r"block\.0 is 2:4 sparse but torch\.float32.*model\.half\(\)"):
+        wk.sparsify_(model)
+    assert type(model.up) is nn.Linear  # no partial replacement
+
+
+def test_sparsify_refusals():
+    with pytest.raises(ValueError, match=r"SparseLinear\.from_linear"):
+        wk.sparsify_(pruned_linear(64, 32))
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
+        wk.sparsify_("model")
+
+
+# ---------------------------------------------------------------------------
+# Refusals of SparseLinear
+
+def test_from_linear_names_first_offending_row_and_group():
+    lin = pruned_linear(64, 32)
+    with torch.no_grad():
+        lin.weight[5, 8:12] = 1.0
+    with pytest.raises(ValueError, match=r"row 5, group 2 \(columns 8\.\.11\) has 4 non-zeros"):
+        wk.SparseLinear.from_linear(lin)
+
+
+@pytest.mark.parametrize(
+    ("make", "exc", "message"),
+    [
+        (lambda: wk.SparseLinear.from_linear(nn.Conv1d(4, 4, 1)), TypeError, r"nn\.Linear; got Conv1d"),
+        (lambda: wk.SparseLinear.from_dense(torch.zeros(32, 64)), TypeError, r"float16 or bfloat16.*model\.half\(\)"),
+        (lambda: wk.SparseLinear.from_dense(torch.zeros(64).half()), ValueError, r"2-D tensor"),
+        (lambda: wk.SparseLinear.from_dense(torch.zeros(32, 64).half(), torch.zeros(31).half()), ValueError, r"bias must be a tensor of shape \(32,\)"),
+        (lambda: wk.SparseLinear.from_dense(torch.zeros(32, 66).half()), ValueError, r"in_features=66, not a multiple of 4"),
+        (lambda: wk.SparseLinear(0, 32), ValueError, r"in_features must be a positive int; got 0"),
+        (lambda: wk.SparseLinear(64, 32, dtype=torch.float32), TypeError, r"float16 or bfloat16 weights; got dtype=torch\.float32"),
+    ],
+)
+def test_construction_refusals(make, exc, message):
+    with pytest.raises(exc, match=message):
+        make()
+
+
+def test_forward_refusals():
+    sl = wk.SparseLinear.from_linear(pruned_linear(64, 32))
+    with pytest.raises(ValueError, match=r"expects input \(\.\.\., 64\); got \(2, 63\)"):
+        sl(torch.randn(2, 63).half())
+    with pytest.raises(TypeError, match=r"holds torch\.float16 weights; got input of torch\.float32"):
+        sl(torch.randn(2, 64))
