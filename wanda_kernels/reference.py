@@ -42,6 +42,7 @@ __all__ = [
     "meta_reorder_offsets",
     "compress_24",
     "decompress_24",
+    "sequential_prune",
 ]
 
 
@@ -137,6 +138,8 @@ def keep_mask(
     if pattern != "unstructured":
         n, m = (int(v) for v in pattern.split(":"))
         return nm_mask(score, n, m)
+    if sparsity is None:
+        sparsity = 0.5
     if scope == "layer":
         return layer_mask(score, sparsity)
     return unstructured_mask(score, sparsity)
@@ -257,3 +260,52 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 def _to_int16(x: torch.Tensor) -> torch.Tensor:
     """int64 holding 16-bit patterns -> int16 with the same bits (two's complement)."""
     return (((x & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16)
+
+
+# ---------------------------------------------------------------------------
+# The paper's sequential loop (Wanda, or magnitude), written out.
+
+
+@torch.no_grad()
+def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity: float | None = 0.5, *,
+                     pattern: str = "unstructured", metric: str = "wanda", scope: str = "row") -> torch.Tensor:
+    """Reference of :func:`wanda_kernels.prune_model` for ``nn.Linear`` layers, in place.
+
+    For each layer: run it on every calibration sample (one at a time) while summing
+    ``x**2`` over the tokens of every forward call into an fp32 buffer per linear,
+    prune each linear with :func:`prune` on ``sqrt`` of those sums, then run the layer
+    again to produce the next layer's inputs.
+
+    Args:
+        layers: the decoder layers, in order.
+        inputs: ``(nsamples, seqlen, hidden)``: the first layer's inputs.
+        layer_kwargs: the keyword arguments every layer call takes.
+
+    Returns:
+        The last layer's outputs for the pruned model.
+    """
+    if sparsity is None:
+        sparsity = 0.5
+    h = inputs
+    for layer in layers:
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        sums: dict[str, torch.Tensor] = {}
+
+        def record(name):
+            def hook(module, args):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                sums[name] = sums[name] + (x * x).sum(dim=0) if name in sums else (x * x).sum(dim=0)
+            return hook
+
+        handles = [m.register_forward_pre_hook(record(n)) for n, m in linears.items()]
+        for j in range(h.shape[0]):
+            layer(h[j : j + 1], **layer_kwargs)
+        for handle in handles:
+            handle.remove()
+        for name, module in linears.items():
+            norms = sums[name].sqrt() if metric == "wanda" else None
+            pruned, _ = prune(module.weight.data, norms, sparsity, pattern=pattern, metric=metric, scope=scope)
+            module.weight.data.copy_(pruned)
+        outs = [layer(h[j : j + 1], **layer_kwargs) for j in range(h.shape[0])]
+        h = torch.cat([o[0] if isinstance(o, (tuple, list)) else o for o in outs])
+    return h

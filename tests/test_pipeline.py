@@ -1,0 +1,198 @@
+"""prune_model on tiny random decoders of five families and on a truncated SmolLM2."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import wanda_kernels as wk  # noqa: E402
+from wanda_kernels import pipeline, reference  # noqa: E402
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=64)
+
+
+def tiny_model(family: str):
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(num_key_value_heads=2, **TINY)
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(num_key_value_heads=2, **TINY)
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(num_key_value_heads=2, **TINY)
+    elif family == "opt":
+        cfg = transformers.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=3,
+                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64)
+    elif family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=64)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.config.use_cache = False
+    return model
+
+
+def calib_ids(n=4, seqlen=16, seed=0):
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def pruned_weights(model):
+    _, layers = pipeline.find_decoder_layers(model)
+    return {f"{i}.{n}": pipeline._linear_weight(m) for i, layer in enumerate(layers)
+            for n, m in pipeline.linear_layers(layer).items()}
+
+
+def _outside_decoder(model):
+    _, layers = pipeline.find_decoder_layers(model)
+    inside = {id(p) for p in layers.parameters()}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in inside}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt", "gpt2"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_exact_sparsity_and_untouched_rest(family, pattern):
+    model = tiny_model(family)
+    before = _outside_decoder(model)
+    report = pipeline.prune_model(model, calib_ids(), 0.5 if pattern == "unstructured" else None, pattern=pattern,
+                                  progress=False)
+    weights = pruned_weights(model)
+    assert len(report.layers) == 3 and len(weights) >= 3 * 4
+    for name, w in weights.items():
+        if pattern == "unstructured":
+            assert (w == 0).sum(1).eq(reference.num_pruned(w.shape[1], 0.5)).all(), name
+        else:
+            assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).le(2).all(), name
+            assert (w == 0).float().mean() >= 0.5
+    after = _outside_decoder(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert report.overall_sparsity() == pytest.approx(0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize(("pattern", "metric"), [("unstructured", "wanda"), ("2:4", "wanda"), ("4:8", "wanda"),
+                                                 ("unstructured", "magnitude")])
+def test_equals_the_reference_loop(pattern, metric):
+    model = tiny_model("llama")
+    twin = copy.deepcopy(model)
+    calib = calib_ids(n=6)
+    # The reference gets the first layer's inputs and kwargs from a plain hook of its own.
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.setdefault("x", []).append(args[0])
+        captured.setdefault("kw", kwargs)
+        raise StopIteration
+
+    handle = twin.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    for row in calib:
+        with pytest.raises(StopIteration), torch.no_grad():
+            twin(row[None], use_cache=False)
+    handle.remove()
+    kw = {k: v for k, v in captured["kw"].items() if k != "past_key_values"}
+    assert torch.equal(torch.cat(captured["x"]), twin.model.embed_tokens(calib))
+    reference.sequential_prune(twin.model.layers, torch.cat(captured["x"]), kw, pattern=pattern, metric=metric)
+
+    method = "magnitude" if metric == "magnitude" else "wanda"
+    pipeline.prune_model(model, calib, pattern=pattern, method=method, scope="row" if method == "magnitude" else None,
+                         progress=False)
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_magnitude_per_layer_is_the_default_baseline():
+    model = tiny_model("llama")
+    report = pipeline.prune_model(model, calib_ids(), 0.5, method="magnitude", progress=False)
+    for name, w in pruned_weights(model).items():
+        assert int((w == 0).sum()) == reference.num_pruned(w.numel(), 0.5), name
+    assert report.forward_seconds == 0.0  # magnitude needs no calibration forward
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_exact_sparsity_and_lower_error_than_magnitude(pattern):
+    model = tiny_model("llama")
+    calib = calib_ids(n=8, seqlen=32)
+    ids = calib_ids(n=4, seqlen=32, seed=1)
+    with torch.no_grad():
+        dense = model(ids).logits
+    errors = {}
+    for method in ("sparsegpt", "magnitude"):
+        m = copy.deepcopy(model)
+        pipeline.prune_model(m, calib, pattern=pattern, method=method, scope="row" if method == "magnitude" else None,
+                             progress=False)
+        for name, w in pruned_weights(m).items():
+            if pattern == "unstructured":
+                assert (w == 0).sum(1).eq(reference.num_pruned(w.shape[1], 0.5)).all(), name
+            else:
+                assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).le(2).all(), name
+        with torch.no_grad():
+            errors[method] = float((m(ids).logits - dense).norm())
+    assert errors["sparsegpt"] < errors["magnitude"]
+
+
+def test_bad_arguments():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"method must be one of .*'obs'"):
+        pipeline.prune_model(model, calib_ids(), method="obs")
+    with pytest.raises(ValueError, match=r"calib must be an int64 tensor"):
+        pipeline.prune_model(model, calib_ids().float())
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\); got 1\.2"):
+        pipeline.prune_model(model, calib_ids(), 1.2)
+    with pytest.raises(ValueError, match=r"no nn\.ModuleList of decoder layers"):
+        pipeline.prune_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), calib_ids())
+
+
+# ---------------------------------------------------------------------------
+# The real model, truncated to its first layers.
+
+def _assets_or_skip():
+    from wanda_kernels import data, models
+
+    try:
+        path = models.default_model_dir()
+        data.austen_dir()
+    except (FileNotFoundError, ImportError) as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must install the model and corpus (tools/install_assets.sh): {exc}")
+        pytest.skip(str(exc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from wanda_kernels import data, models
+
+    _assets_or_skip()
+    model, tok = models.load_model()
+    keep = 4
+    model.model.layers = model.model.layers[:keep]
+    model.config.num_hidden_layers = keep
+    calib = data.sample_windows(tok, data.load_corpus(split="calib"), 16, 128, seed=0)
+    evalw = data.eval_windows(tok, data.load_corpus(split="eval"), 128, max_tokens=128 * 16)
+    return model, tok, calib, evalw
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_truncated_smollm2_wanda_beats_magnitude(smol, pattern):
+    from wanda_kernels import evaluate
+
+    model, _, calib, evalw = smol
+    ppl = {}
+    for method in ("wanda", "magnitude"):
+        m = copy.deepcopy(model)
+        pipeline.prune_model(m, calib, pattern=pattern, method=method, progress=False)
+        ppl[method] = evaluate.perplexity(m, evalw, progress=False)
+    assert ppl["wanda"] < ppl["magnitude"], ppl
+
+
+def test_truncated_smollm2_equals_reference_loop(smol):
+    model, _, calib, _ = smol
+    model = copy.deepcopy(model)
+    twin = copy.deepcopy(model)
+    calib = calib[:4, :64]
+    inputs, kwargs = pipeline.capture_layer_inputs(twin, twin.model.layers[0], calib)
+    assert torch.equal(inputs, twin.model.embed_tokens(calib))
+    reference.sequential_prune(twin.model.layers, inputs, kwargs, pattern="2:4")
+    pipeline.prune_model(model, calib, pattern="2:4", progress=False)
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.equal(a, b), name
+    assert wk.sparsify_(copy.deepcopy(model).half())  # the pruned layers are valid 2:4 layers
