@@ -20,8 +20,13 @@ import torch
 
 log = logging.getLogger("wanda_kernels")
 
-DEMO_RUNS = [("dense", None, "dense"), ("magnitude", "unstructured", "magnitude 50%"),
-             ("wanda", "unstructured", "wanda 50%"), ("magnitude", "2:4", "magnitude 2:4"), ("wanda", "2:4", "wanda 2:4")]
+DEMO_RUNS = [  # (method, pattern, label)
+    ("dense", None, "dense"),
+    ("magnitude", "unstructured", "magnitude 50%"),
+    ("wanda", "unstructured", "wanda 50%"),
+    ("magnitude", "2:4", "magnitude 2:4"),
+    ("wanda", "2:4", "wanda 2:4"),
+]
 
 
 class UsageError(Exception):

@@ -291,13 +291,13 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         sums: dict[str, torch.Tensor] = {}
 
-        def record(name):
+        def record(name, sums):
             def hook(module, args):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 sums[name] = sums[name] + (x * x).sum(dim=0) if name in sums else (x * x).sum(dim=0)
             return hook
 
-        handles = [m.register_forward_pre_hook(record(n)) for n, m in linears.items()]
+        handles = [m.register_forward_pre_hook(record(n, sums)) for n, m in linears.items()]
         for j in range(h.shape[0]):
             layer(h[j : j + 1], **layer_kwargs)
         for handle in handles:
