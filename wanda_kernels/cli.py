@@ -143,7 +143,9 @@ def cmd_demo(args) -> int:
     (out / "demo.json").write_text(json.dumps({"device": str(device), "dtype": str(dtype), "nsamples": args.nsamples,
                                                "seqlen": args.seqlen, "eval_tokens": int(windows.numel()),
                                                "results": rows}, indent=1))
-    png = _bar_chart(rows, out / "demo.png")
+    title = (f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M) on "
+             f"{'Emma' if args.text is None else Path(args.text).name}: dense vs 50% pruned")
+    png = _bar_chart(rows, out / "demo.png", title)
     print(f"\nwrote {out / 'demo.json'}" + (f" and {png}" if png else " (no chart: pip install matplotlib)"))
     return 0
 
@@ -156,7 +158,7 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
-def _bar_chart(rows, path):
+def _bar_chart(rows, path, title):
     try:
         import matplotlib
 
@@ -169,7 +171,7 @@ def _bar_chart(rows, path):
     ax.bar([r["run"] for r in rows], [r["perplexity"] for r in rows], color=[colors[r["method"]] for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("perplexity (log scale, lower is better)")
-    ax.set_title("SmolLM2-135M on Emma: dense vs 50% pruned")
+    ax.set_title(title)
     for i, r in enumerate(rows):
         ax.text(i, r["perplexity"], f"{r['perplexity']:.1f}", ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
