@@ -179,3 +179,13 @@ def test_cli_prune_eval_demo_smoke(tmp_path):
     assert [r["run"] for r in result["results"]] == ["dense", "magnitude 50%", "wanda 50%", "magnitude 2:4",
                                                      "wanda 2:4"]
     assert (tmp_path / "d" / "demo.png").stat().st_size > 0
+
+
+def test_console_script_is_installed():
+    script = os.path.join(os.path.dirname(sys.executable), "wanda-kernels")
+    if not os.path.exists(script):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("pip install did not create the wanda-kernels console script")
+        pytest.skip("package not installed in this environment")
+    proc = subprocess.run([script, "demo", "--help"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "--nsamples" in proc.stdout and "Austen" in proc.stdout

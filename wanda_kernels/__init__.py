@@ -10,6 +10,7 @@ import logging
 
 from . import reference
 from .norms import ActNormCollector, accumulate_sq_norms_
+from .pipeline import PruneReport, prune_model
 from .prune import prune_, prune_mask
 from .sparse24 import compress_24, decompress_24, prune_compress_24
 from .sparse_linear import SparseLinear, sparsify_
@@ -26,6 +27,8 @@ __all__ = [
     "prune_compress_24",
     "SparseLinear",
     "sparsify_",
+    "prune_model",
+    "PruneReport",
     "reference",
     "__version__",
 ]

@@ -238,9 +238,7 @@ def prune_model(
         report.layers.append(LayerReport(index=index, seconds=time.perf_counter() - t_layer, sparsity={
             name: float((_linear_weight(mod) == 0).float().mean()) for name, mod in linears.items()}))
         if work != home:
-            layer.to(home)
-            if inps is not None and index + 1 < len(layers):
-                inps = inps.to(device)
+            layer.to(home)  # the activations stay on the working device for the next layer
     report.total_seconds = time.perf_counter() - t_start
     logger.info("pruned %d decoder layers (%s, %s) in %.1f s; mean sparsity %.4f", len(layers), method, pattern,
                 report.total_seconds, report.overall_sparsity())
