@@ -196,3 +196,11 @@ def test_truncated_smollm2_equals_reference_loop(smol):
     for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
         assert torch.equal(a, b), name
     assert wk.sparsify_(copy.deepcopy(model).half())  # the pruned layers are valid 2:4 layers
+
+
+def test_nm_pattern_with_default_sparsity():
+    model = tiny_model("llama")
+    report = pipeline.prune_model(model, calib_ids(), pattern="1:4", progress=False)
+    assert report.sparsity == 0.75
+    for name, w in pruned_weights(model).items():
+        assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).le(1).all(), name

@@ -147,7 +147,7 @@ def _layer_out(out):
 def prune_model(
     model: nn.Module,
     calib: torch.Tensor,
-    sparsity: float | None = 0.5,
+    sparsity: float | None = None,
     *,
     pattern: str = "unstructured",
     method: str = "wanda",
@@ -164,8 +164,8 @@ def prune_model(
         model: a Hugging Face decoder-only model (or any model whose decoder layers form an
             ``nn.ModuleList`` and whose forward takes ``input_ids``), in eval mode.
         calib: ``(nsamples, seqlen)`` int64 token ids (see :func:`wanda_kernels.data.sample_windows`).
-        sparsity: fraction per output row (unstructured); with ``pattern="N:M"`` leave the
-            default or pass ``1 - N/M``.
+        sparsity: fraction per output row (unstructured), default 0.5; with ``pattern="N:M"``
+            leave it unset (it is ``1 - N/M``) or pass exactly that.
         pattern: ``"unstructured"`` or ``"N:M"``.
         method: ``"wanda"``, ``"magnitude"`` or ``"sparsegpt"``.
         scope: magnitude only: ``"layer"`` (default, one threshold per matrix, the paper's
