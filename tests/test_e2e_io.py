@@ -97,8 +97,12 @@ def test_compressed_24_checkpoint_loads_into_sparse_linear(tmp_path):
     assert len(sparse) == 3 * 7
     dense16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float16).eval()
     ids = calib_ids(n=2, seed=6)
+    from wanda_kernels import sparse_linear
+
+    sparse_linear._warn_once.cache_clear()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"dense F\.linear .* the input is on cpu"):
+        a = loaded(ids).logits.float()  # on CPU: the documented fallback, announced once
     with torch.no_grad():
-        a = loaded(ids).logits.float()
         b = dense16(ids).logits.float()
     # Same fp16 weights; the decompressed weight is exact, so only fp16 rounding of the
     # surrounding ops can differ.
