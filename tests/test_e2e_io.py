@@ -151,6 +151,7 @@ def _cli(*args):
         (["prune", "--model", "/nonexistent", "--output", "x"], r"model directory /nonexistent not found"),
         (["eval", "--model", "/nonexistent"], r"model directory /nonexistent not found"),
         (["prune", "--nsamples", "0", "--output", "x"], r"--nsamples must be positive"),
+        (["prune", "--compressed", "--output", "x"], r"--compressed needs --pattern 2:4"),
     ],
 )
 def test_cli_bad_arguments_one_line(args, message, capsys):
