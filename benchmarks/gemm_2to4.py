@@ -93,21 +93,17 @@ def run_case(model, layer, shape, tokens, dtype, device):
 
 
 def _kernel_only(sl, x):
-    """The CUTLASS GEMM alone (D = W x^T into a preallocated buffer), without the output pass."""
-    from wanda_kernels._ext import extension
+    """The CUTLASS GEMM alone (D = W x^T into preallocated buffers), without padding or the output pass."""
+    from wanda_kernels.sparse_linear import _TOKEN_MULTIPLE, _round_up, launch_sparse24_gemm
 
-    ext = extension()
-    n_pad = (x.shape[0] + 7) // 8 * 8
-    buf = _kernel_only.buffers.get((x.shape, n_pad))
+    key = (tuple(x.shape), x.dtype, tuple(sl.values.shape))  # the buffers depend on these alone
+    buf = _kernel_only.buffers.get(key)
     if buf is None:
-        xb = x.new_zeros(n_pad, x.shape[1])
-        xb[: x.shape[0]] = x
-        d = torch.empty(sl.values.shape[0], n_pad, dtype=x.dtype, device=x.device)
-        buf = _kernel_only.buffers[(x.shape, n_pad)] = (xb, d)
-    xb, d = buf
-    ext.sparse24_gemm(0 if x.dtype == torch.float16 else 1, 0 if n_pad <= 128 else 1, sl.values.shape[0], n_pad,
-                      2 * sl.values.shape[1], sl.values.data_ptr(), sl.meta.data_ptr(), xb.data_ptr(), xb.stride(0),
-                      d.data_ptr(), n_pad, torch.cuda.current_stream(x.device).cuda_stream)
+        xb = x.new_zeros(_round_up(x.shape[0], _TOKEN_MULTIPLE), 2 * sl.values.shape[1])
+        xb[: x.shape[0], : x.shape[1]] = x
+        d = torch.empty(sl.values.shape[0], xb.shape[0], dtype=x.dtype, device=x.device)
+        buf = _kernel_only.buffers[key] = (xb, d)
+    launch_sparse24_gemm(sl.values, sl.meta, *buf)
 
 
 _kernel_only.buffers = {}

@@ -51,10 +51,29 @@ def _warn_once(reason: str) -> None:
                   stacklevel=3)
 
 
+def launch_sparse24_gemm(values: torch.Tensor, meta: torch.Tensor, xb: torch.Tensor, d: torch.Tensor) -> None:
+    """``d = W @ xb.T`` with the CUTLASS kernel; no padding, no validation beyond CUTLASS's own.
+
+    Args:
+        values, meta: the compressed weight ``(M, K/2)``, ``(M, K/16)`` int16 (M, K padded).
+        xb: ``(N, K)`` activations, row-major, ``N % 8 == 0``, on the weight's CUDA device.
+        d: ``(M, N)`` contiguous output of ``xb``'s dtype.
+    """
+    ext = extension()
+    m_pad, k_pad, n_pad = values.shape[0], 2 * values.shape[1], xb.shape[0]
+    config = 0 if n_pad <= _DECODE_MAX_TOKENS else 1
+    with torch.cuda.device(xb.device):
+        status = ext.sparse24_gemm(
+            _DTYPE_CODE[xb.dtype], config, m_pad, n_pad, k_pad, values.data_ptr(), meta.data_ptr(), xb.data_ptr(),
+            xb.stride(0), d.data_ptr(), d.stride(0), torch.cuda.current_stream(xb.device).cuda_stream)
+    if status != 0:
+        raise RuntimeError(f"CUTLASS 2:4 sparse GEMM failed ({ext.status_string(status)}): weight padded to "
+                           f"{m_pad}x{k_pad}, input padded to {n_pad}x{k_pad}, {xb.dtype}, config {config}")
+
+
 def _cutlass_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
                     out_features: int) -> torch.Tensor:
     """``y = x @ W.T (+ bias)`` with the CUTLASS kernel; pads tokens and in_features as needed."""
-    ext = extension()
     in_features = x.shape[-1]
     m_pad, k_pad = values.shape[0], 2 * values.shape[1]
     x2d = x.reshape(-1, in_features)
@@ -69,15 +88,10 @@ def _cutlass_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     else:
         xb = x2d
     d = torch.empty(m_pad, n_pad, dtype=x.dtype, device=x.device)  # D = W @ x^T, (out, tokens)
-    config = 0 if n_pad <= _DECODE_MAX_TOKENS else 1
-    with torch.cuda.device(x.device):
-        status = ext.sparse24_gemm(
-            _DTYPE_CODE[x.dtype], config, m_pad, n_pad, k_pad, values.data_ptr(), meta.data_ptr(), xb.data_ptr(),
-            xb.stride(0), d.data_ptr(), n_pad, torch.cuda.current_stream(x.device).cuda_stream)
-    if status != 0:
-        raise RuntimeError(
-            f"CUTLASS 2:4 sparse GEMM failed ({ext.status_string(status)}): weight {out_features}x{in_features} "
-            f"(padded {m_pad}x{k_pad}), input {n}x{in_features} (padded {n_pad}), {x.dtype}, config {config}")
+    try:
+        launch_sparse24_gemm(values, meta, xb, d)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc} (SparseLinear {in_features} -> {out_features}, input of {n} tokens)") from exc
     # One pass: transpose D into y (tokens, out) and add the bias.
     dt = d[:out_features, :n].t()
     if bias is not None:
