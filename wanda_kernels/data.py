@@ -29,7 +29,8 @@ _INSTALL_HINT = ("install it with `bash tools/install_assets.sh` (it unpacks Deb
                  "or point WANDA_KERNELS_AUSTEN_DIR at the package's data/ folder")
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where converted models and unpacked data live: $WANDA_KERNELS_CACHE or ~/.cache/wanda_kernels."""
     return Path(os.environ.get("WANDA_KERNELS_CACHE", Path.home() / ".cache" / "wanda_kernels"))
 
 
@@ -38,7 +39,7 @@ def austen_dir() -> Path:
     candidates = []
     if os.environ.get("WANDA_KERNELS_AUSTEN_DIR"):
         candidates.append(Path(os.environ["WANDA_KERNELS_AUSTEN_DIR"]))
-    candidates += [_cache_root() / "janeaustenr" / _DATA_SUBDIR, Path("/") / _DATA_SUBDIR]
+    candidates += [cache_root() / "janeaustenr" / _DATA_SUBDIR, Path("/") / _DATA_SUBDIR]
     for c in candidates:
         if (c / "Rdata.rdx").is_file() and (c / "Rdata.rdb").is_file():
             return c

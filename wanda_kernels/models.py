@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .data import cache_root
+
 logger = logging.getLogger("wanda_kernels")
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -36,8 +38,7 @@ def _require_transformers():
 
 def default_model_dir() -> Path:
     """The safetensors copy of the built-in default model, converted from its GGUF on first use."""
-    cache = Path(os.environ.get("WANDA_KERNELS_CACHE", Path.home() / ".cache" / "wanda_kernels"))
-    out = cache / "SmolLM2-135M-Instruct"
+    out = cache_root() / "SmolLM2-135M-Instruct"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     spec = importlib.util.find_spec(_GGUF_PACKAGE)

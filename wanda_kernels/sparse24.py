@@ -38,18 +38,23 @@ def _check_24_weight(weight, name: str = "weight") -> None:
                          f"in_features % {COL_MULTIPLE} == 0 (SparseLinear pads other shapes)")
 
 
+def _nonzeros_per_group(weight: torch.Tensor) -> torch.Tensor:
+    """``(rows, cols/4)``: non-zeros in every group of 4 consecutive columns."""
+    return (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1)
+
+
 def is_24_sparse(weight: torch.Tensor) -> bool:
     """True when every group of 4 consecutive inputs of every row has at most 2 non-zeros."""
     if weight.dim() != 2 or weight.shape[1] % 4:
         return False
-    return bool(((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+    return bool((_nonzeros_per_group(weight) <= 2).all())
 
 
 def check_24_sparse(weight: torch.Tensor, name: str = "weight") -> None:
     """Raise ValueError naming the first row and group with more than 2 non-zeros."""
     if weight.shape[1] % 4:
         raise ValueError(f"{name} has in_features={weight.shape[1]}, not a multiple of 4: it cannot be 2:4 sparse")
-    counts = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1)
+    counts = _nonzeros_per_group(weight)
     bad = counts > 2
     if bool(bad.any()):
         row, group = (int(v) for v in bad.nonzero()[0])
