@@ -8,6 +8,7 @@
 #include "checks.h"
 #include "cutlass/version.h"
 #include "sparse24_gemm.h"
+#include "sparse24_sm90.h"
 
 namespace py = pybind11;
 using namespace wanda_kernels;
@@ -43,6 +44,29 @@ Sparse24Problem make_problem(Config config, int m, int n, int k, std::uintptr_t 
   return Sparse24Problem{m, n, k, values, meta, x, ldb, out, ldd};
 }
 
+Sm90Config to_sm90_config(int config) {
+  WK_CHECK(config >= 0 && config < kSm90NumConfigs, "sm90 config must be 0 (decode), 1 (large) or 2 (stream-K); got ",
+           config);
+  return static_cast<Sm90Config>(config);
+}
+
+Sparse24Sm90Problem make_sm90_problem(int m, int n, int k, std::uintptr_t values, std::uintptr_t meta,
+                                      std::uintptr_t x, std::int64_t ldx, std::uintptr_t y, std::int64_t ldy,
+                                      std::uintptr_t bias, std::uintptr_t workspace, int sm_count) {
+  WK_CHECK_MULTIPLE("m (out_features)", m, 8);  // y rows are TMA-stored: 16-byte multiples
+  WK_CHECK_MULTIPLE("k (in_features)", k, 64);  // the values' row length of the shared 2:4 format
+  WK_CHECK(n > 0, "n (tokens) must be positive; got ", n);
+  WK_CHECK_PTR("values", values, 16);
+  WK_CHECK_PTR("meta", meta, 16);
+  WK_CHECK_PTR("x", x, 16);
+  WK_CHECK_PTR("y", y, 16);
+  WK_CHECK(bias % 16 == 0, "bias must be 0 (none) or 16-byte aligned; got address ", bias);
+  WK_CHECK(ldx >= k && ldx % 8 == 0, "x row stride (ldx) must be >= k and a multiple of 8; got ", ldx);
+  WK_CHECK(ldy >= m && ldy % 8 == 0, "y row stride (ldy) must be >= m and a multiple of 8; got ", ldy);
+  WK_CHECK(sm_count > 0, "sm_count must be positive; got ", sm_count);
+  return Sparse24Sm90Problem{m, n, k, values, meta, x, ldx, y, ldy, bias, workspace, sm_count};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
@@ -71,6 +95,79 @@ PYBIND11_MODULE(_C, mod) {
       py::arg("dtype"), py::arg("config"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values"),
       py::arg("meta"), py::arg("x"), py::arg("ldb"), py::arg("out"), py::arg("ldd"),
       "CUTLASS's host-side check of the problem (no GPU needed); returns a cutlass::Status code.");
+
+  // Hopper (sm90a): y (n x m) = x (n x k) @ W^T + bias, W compressed with sm90 metadata.
+  mod.def(
+      "sm90_gemm",
+      [](int dtype, int config, int m, int n, int k, std::uintptr_t values, std::uintptr_t meta, std::uintptr_t x,
+         std::int64_t ldx, std::uintptr_t y, std::int64_t ldy, std::uintptr_t bias, std::uintptr_t workspace,
+         int sm_count, std::uintptr_t stream) {
+        auto p = make_sm90_problem(m, n, k, values, meta, x, ldx, y, ldy, bias, workspace, sm_count);
+        py::gil_scoped_release release;
+        return sm90_gemm(to_dtype(dtype), to_sm90_config(config), p, reinterpret_cast<void*>(stream));
+      },
+      py::arg("dtype"), py::arg("config"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values"),
+      py::arg("meta"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"), py::arg("bias"),
+      py::arg("workspace"), py::arg("sm_count"), py::arg("stream"),
+      "Launch the sm90a kernel on `stream`; returns a cutlass::Status code (0 = success).");
+
+  mod.def(
+      "sm90_can_implement",
+      [](int dtype, int config, int m, int n, int k, std::uintptr_t values, std::uintptr_t meta, std::uintptr_t x,
+         std::int64_t ldx, std::uintptr_t y, std::int64_t ldy, std::uintptr_t bias, int sm_count) {
+        auto p = make_sm90_problem(m, n, k, values, meta, x, ldx, y, ldy, bias, 0, sm_count);
+        return sm90_can_implement(to_dtype(dtype), to_sm90_config(config), p);
+      },
+      py::arg("dtype"), py::arg("config"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values"),
+      py::arg("meta"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"), py::arg("bias"),
+      py::arg("sm_count"), "CUTLASS's host-side check of an sm90a problem (no GPU needed); a cutlass::Status code.");
+
+  mod.def(
+      "sm90_workspace_size",
+      [](int dtype, int config, int m, int n, int k, int sm_count) {
+        // Pointers do not enter the size; aligned placeholders pass the checks.
+        auto p = make_sm90_problem(m, n, k, 16, 16, 16, k, 16, m, 0, 0, sm_count);
+        return sm90_workspace_size(to_dtype(dtype), to_sm90_config(config), p);
+      },
+      py::arg("dtype"), py::arg("config"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("sm_count"),
+      "Bytes of device workspace an sm90a launch needs (0 for the data-parallel configurations).");
+
+  mod.def(
+      "sm90_config_shape",
+      [](int config) {
+        int tile_m, tile_n, tile_k;
+        sm90_config_shape(to_sm90_config(config), &tile_m, &tile_n, &tile_k);
+        return py::make_tuple(tile_m, tile_n, tile_k);
+      },
+      py::arg("config"), "(tile M, N, K) of an sm90a configuration.");
+
+  mod.def(
+      "sm90_compress_workspace_size",
+      [](int dtype, int m, int k, int sm_count) {
+        return sm90_compress_workspace_size(to_dtype(dtype), m, k, sm_count);
+      },
+      py::arg("dtype"), py::arg("m"), py::arg("k"), py::arg("sm_count"),
+      "Bytes of device workspace CUTLASS's sm90 compressor needs.");
+
+  mod.def(
+      "sm90_compress",
+      [](int dtype, int m, int k, std::uintptr_t dense, std::uintptr_t values, std::uintptr_t meta,
+         std::uintptr_t workspace, int sm_count, std::uintptr_t stream) {
+        WK_CHECK_MULTIPLE("m", m, 64);
+        WK_CHECK_MULTIPLE("k", k, 128);
+        WK_CHECK_PTR("dense", dense, 16);
+        WK_CHECK_PTR("values", values, 16);
+        WK_CHECK_PTR("meta", meta, 16);
+        WK_CHECK(sm_count > 0, "sm_count must be positive; got ", sm_count);
+        py::gil_scoped_release release;
+        return sm90_compress(to_dtype(dtype), m, k, dense, values, meta, workspace, sm_count,
+                             reinterpret_cast<void*>(stream));
+      },
+      py::arg("dtype"), py::arg("m"), py::arg("k"), py::arg("dense"), py::arg("values"), py::arg("meta"),
+      py::arg("workspace"), py::arg("sm_count"), py::arg("stream"),
+      "CUTLASS's sm90 compressor (for tests): dense 2:4 (m x k) -> values (m x k/2) + sm90 metadata.");
+
+  mod.def("sm90_built", &sm90_built, "Whether this build holds the sm90a (Hopper sparse wgmma) kernels.");
 
   mod.def("status_string", &status_string, py::arg("status"), "cutlass::Status code as text.");
 
