@@ -12,7 +12,7 @@ from . import reference
 from .norms import ActNormCollector, accumulate_sq_norms_
 from .pipeline import PruneReport, prune_model
 from .prune import prune_, prune_mask
-from .sparse24 import compress_24, decompress_24, prune_compress_24
+from .sparse24 import compress_24, decompress_24, meta_sm80_to_sm90, meta_sm90_to_sm80, prune_compress_24
 from .sparse_linear import SparseLinear, sparsify_
 
 __version__ = "0.1.0"
@@ -25,6 +25,8 @@ __all__ = [
     "compress_24",
     "decompress_24",
     "prune_compress_24",
+    "meta_sm80_to_sm90",
+    "meta_sm90_to_sm80",
     "SparseLinear",
     "sparsify_",
     "prune_model",

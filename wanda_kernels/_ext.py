@@ -34,11 +34,15 @@ def extension_error() -> str | None:
 
 
 def built_archs() -> list[int]:
-    """Compute capabilities (e.g. ``[80, 90]``) that ``_C`` has kernels for; [] without ``_C``."""
+    """Compute capabilities (e.g. ``[80, 90]``) that ``_C`` has kernels for; [] without ``_C``.
+
+    ``_C.cuda_archs`` lists the sm80 kernel's architectures, plus ``90a`` when the
+    Hopper kernels are built.
+    """
     mod = extension()
     if mod is None:
         return []
-    return [int(a.rstrip("a")) for a in str(mod.cuda_archs).split(",") if a.strip()]
+    return sorted({int(a.strip().rstrip("a")) for a in str(mod.cuda_archs).split(",") if a.strip()})
 
 
 def runs_on(major: int, minor: int) -> bool:
@@ -47,3 +51,9 @@ def runs_on(major: int, minor: int) -> bool:
     sm_XY code runs on X.Z for Z >= Y (same major version) only.
     """
     return any(a // 10 == major and a % 10 <= minor for a in built_archs())
+
+
+def sm90_built() -> bool:
+    """Whether ``_C`` holds the Hopper (sm90a, sparse wgmma) kernels."""
+    mod = extension()
+    return bool(mod is not None and mod.sm90_built())

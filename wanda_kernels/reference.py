@@ -42,6 +42,10 @@ __all__ = [
     "meta_reorder_offsets",
     "compress_24",
     "decompress_24",
+    "meta_sm90_offsets",
+    "meta_codes_24",
+    "meta_sm80_to_sm90",
+    "decompress_24_sm90",
     "sequential_prune",
 ]
 
@@ -252,6 +256,82 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     plain = meta.reshape(-1).long().bitwise_and(0xFFFF)[offsets.reshape(-1)].reshape(m, k // 16)
     nibbles = torch.stack([(plain >> (4 * t)) & 0xF for t in range(4)], dim=-1).reshape(m, k // 4)
     pairs = torch.stack([nibbles & 0x3, nibbles >> 2], dim=-1)  # (m, k/4, 2)
+    dense = torch.zeros(m, k // 4, 4, dtype=values.dtype, device=values.device)
+    dense.scatter_(2, pairs, values.reshape(m, k // 4, 2))
+    return dense.reshape(m, k)
+
+
+# ---------------------------------------------------------------------------
+# The same 2:4 weight for Hopper's sparse wgmma (CUTLASS 3.x sm90 kernels).
+#
+# values: the same (M, K/2) tensor as above (CUTLASS's fill_layoutA for a K-major A
+# is plain row-major with K/2 stored elements per row).
+# meta E: the same 4-bit code per group of 4 (idx0 | idx1 << 2), at another place:
+# CUTLASS's Sm90GemmSparseConfig::fill_layoutE for 16-bit types and tile K >= 128
+# (sm90_sparse_config.inl). E is padded to M64 = round_up(M, 64) rows and
+# K128 = round_up(K, 128) columns, and is tiled by a 64 x 128 atom of 8192 logical
+# elements, stacked along M first (atom stride 8192), then along K (stride M64*128).
+# Inside the atom, for m = m0 + 8*m1 + 16*m2 and k = k0 + 16*k1 + 32*k2
+# (m0 < 8, m1 < 2, m2 < 4, k0 < 16, k1 < 2, k2 < 4):
+#     offset = k0 + 16*m1 + 32*k2 + 128*m0 + 1024*k1 + 2048*m2
+# in logical elements; each byte of E covers 8 of them, so group (m, k/4) lives in
+# byte offset // 8, low nibble when offset % 8 == 0, high nibble when it is 4.
+# Padding groups hold code 0xE (positions 2, 3: the code of an all-zero group).
+
+SM90_META_ROW_MULTIPLE = 64
+SM90_META_COL_MULTIPLE = 128
+SM90_META_FILL = 0xE
+
+
+def meta_sm90_offsets(m: int, k: int) -> torch.Tensor:
+    """Logical offset in E of the first element of every group of 4; int64 ``(M64, K128 / 4)``.
+
+    ``m, k``: the weight's rows and columns (any; they are rounded up to 64 and 128).
+    """
+    m64 = -(-m // SM90_META_ROW_MULTIPLE) * SM90_META_ROW_MULTIPLE
+    k128 = -(-k // SM90_META_COL_MULTIPLE) * SM90_META_COL_MULTIPLE
+    r = torch.arange(m64)[:, None]
+    c = 4 * torch.arange(k128 // 4)[None, :]
+    m0, m1, m2, mb = r % 8, (r // 8) % 2, (r // 16) % 4, r // 64
+    k0, k1, k2, kb = c % 16, (c // 16) % 2, (c // 32) % 4, c // 128
+    in_atom = k0 + 16 * m1 + 32 * k2 + 128 * m0 + 1024 * k1 + 2048 * m2
+    return in_atom + 8192 * mb + (m64 * 128) * kb
+
+
+def meta_codes_24(meta: torch.Tensor) -> torch.Tensor:
+    """The 4-bit code of every group, ``(M, K/4)`` int64, from sm80 ``meta (M, K/16)``."""
+    m, meta_cols = meta.shape
+    offsets = meta_reorder_offsets(m, meta_cols).to(meta.device)
+    plain = meta.reshape(-1).long().bitwise_and(0xFFFF)[offsets.reshape(-1)].reshape(m, meta_cols)
+    return torch.stack([(plain >> (4 * t)) & 0xF for t in range(4)], dim=-1).reshape(m, 4 * meta_cols)
+
+
+def meta_sm80_to_sm90(meta: torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`wanda_kernels.meta_sm80_to_sm90`: sm80 ``meta (M, K/16)`` -> E.
+
+    Returns E as int16 ``(M64, K128 / 16)`` (its bytes in memory order; the shape is
+    nominal), groups outside ``(M, K)`` filled with code 0xE.
+    """
+    m, k = meta.shape[0], 16 * meta.shape[1]
+    codes = meta_codes_24(meta)
+    offsets = meta_sm90_offsets(m, k)
+    nibbles = torch.full((offsets.numel(),), SM90_META_FILL, dtype=torch.int64)
+    real = offsets[:m, : k // 4].reshape(-1) // 4  # nibble index: a group's 4 logical elements share a nibble
+    nibbles[real] = codes.cpu().reshape(-1)
+    e_bytes = nibbles[0::2] | (nibbles[1::2] << 4)  # low nibble first
+    e16 = e_bytes[0::2] | (e_bytes[1::2] << 8)  # little-endian int16 view of the bytes
+    return _to_int16(e16).reshape(offsets.shape[0], offsets.shape[1] // 4).to(meta.device)
+
+
+def decompress_24_sm90(values: torch.Tensor, meta_e: torch.Tensor) -> torch.Tensor:
+    """Dense ``(M, K)`` from ``values (M, K/2)`` and sm90 metadata E (any 16-bit view of its bytes)."""
+    m, k = values.shape[0], 2 * values.shape[1]
+    e16 = meta_e.reshape(-1).long().bitwise_and(0xFFFF).cpu()
+    e_bytes = torch.stack((e16 & 0xFF, e16 >> 8), dim=-1).reshape(-1)
+    nibbles = torch.stack((e_bytes & 0xF, e_bytes >> 4), dim=-1).reshape(-1)
+    offsets = meta_sm90_offsets(m, k)[:m, : k // 4]
+    codes = nibbles[offsets // 4].to(values.device)  # (m, k/4)
+    pairs = torch.stack([codes & 0x3, codes >> 2], dim=-1)
     dense = torch.zeros(m, k // 4, 4, dtype=values.dtype, device=values.device)
     dense.scatter_(2, pairs, values.reshape(m, k // 4, 2))
     return dense.reshape(m, k)

@@ -1,9 +1,19 @@
 """SparseLinear: a drop-in nn.Linear whose 2:4 weight runs on sparse tensor cores.
 
-``forward`` calls the custom op ``torch.ops.wanda_kernels.sparse24_linear``, which runs
-the CUTLASS 2:4 GEMM of the compiled extension on CUDA GPUs of compute capability 8.x
-or 9.x, and otherwise ``F.linear`` on the decompressed weight, with one warning that
-says why. The op has a fake (meta) implementation, so ``torch.compile`` traces it.
+``forward`` calls the custom op ``torch.ops.wanda_kernels.sparse24_linear``, which picks
+the kernel from the GPU it runs on:
+
+* compute capability 9.0 (H100, H200): the CUTLASS 3.x sm90a kernel (sparse wgmma),
+  reading the metadata in the sm90 layout;
+* 8.x (A100, A10, L4, RTX 30/40): the CUTLASS sm80 kernel (mma.sp), sm80 layout;
+* anything else, or a build without that kernel: ``F.linear`` on the decompressed
+  weight, with one warning that says why.
+
+A ``SparseLinear`` keeps one ``values`` tensor (the same for both kernels) and its
+metadata in the layout of the kernel that will run on its device: it converts when it
+is built, moved (``.to``, ``.cuda``) or loaded. Its ``state_dict`` always holds the sm80
+layout, which is also PyTorch's, so checkpoints move between GPUs. The op has a fake
+(meta) implementation, so ``torch.compile`` traces it.
 """
 
 from __future__ import annotations
@@ -16,32 +26,70 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._ext import extension, extension_error, runs_on
-from .sparse24 import COL_MULTIPLE, DTYPES_24, ROW_MULTIPLE, check_24_sparse, compress_24, decompress_24
+from ._ext import extension, extension_error, runs_on, sm90_built
+from .sparse24 import (
+    COL_MULTIPLE,
+    DTYPES_24,
+    ROW_MULTIPLE,
+    check_24_sparse,
+    compress_24,
+    decompress_24,
+    meta_sm80_to_sm90,
+    meta_sm90_to_sm80,
+)
 
-__all__ = ["SparseLinear", "sparsify_", "cutlass_unavailable_reason"]
+__all__ = ["SparseLinear", "sparsify_", "cutlass_unavailable_reason", "select_kernel"]
 
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
-_TOKEN_MULTIPLE = 8  # CUTLASS loads x and stores y 8 elements at a time
+_TOKEN_MULTIPLE = 8  # the sm80 kernel loads x and stores y 8 elements at a time
 _DECODE_MAX_TOKENS = 128  # up to this many (padded) tokens use the small-tile configuration
+SM90_CONFIGS = {"decode": 0, "large": 1, "streamk": 2}
 
 
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-def cutlass_unavailable_reason(x: torch.Tensor) -> str | None:
-    """Why the CUTLASS kernel cannot run on input ``x`` (None when it can)."""
-    if x.device.type != "cuda":
-        return f"the input is on {x.device} (the CUTLASS 2:4 kernel runs on CUDA GPUs)"
-    if x.dtype not in DTYPES_24:
-        return f"the input is {x.dtype} (the kernel takes float16 or bfloat16)"
+def select_kernel(device: torch.device, dtype: torch.dtype) -> tuple[str | None, str | None]:
+    """``(kernel, None)`` with kernel ``"sm90"`` or ``"sm80"``, or ``(None, why not)``.
+
+    The rule: compute capability 9.0 -> the sm90a kernel; 8.x -> the sm80 kernel;
+    anything else (or a build without the kernel) -> no kernel: dense fallback.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None, f"the input is on {device} (the CUTLASS 2:4 kernels run on CUDA GPUs)"
+    if dtype not in DTYPES_24:
+        return None, f"the input is {dtype} (the kernels take float16 or bfloat16)"
     if extension() is None:
-        return extension_error()
-    major, minor = torch.cuda.get_device_capability(x.device)
-    if not runs_on(major, minor):
-        return (f"GPU compute capability {major}.{minor} is not among the built architectures "
-                f"{extension().cuda_archs} (2:4 sparse tensor cores: 8.x, 9.x)")
+        return None, extension_error()
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) == (9, 0):
+        if sm90_built():
+            return "sm90", None
+        return None, ("GPU compute capability 9.0 needs the sm90a (Hopper) kernels, and this build of "
+                      f"wanda_kernels._C has none (built for {extension().cuda_archs}); rebuild with "
+                      "WANDA_KERNELS_CUDA_ARCHS including 90 (the sm80 kernel is slower than dense on Hopper)")
+    if major == 8 and runs_on(major, minor):
+        return "sm80", None
+    return None, (f"GPU compute capability {major}.{minor}: the 2:4 kernels cover 8.x (sm80) and 9.0 (sm90a); "
+                  f"this build has {extension().cuda_archs}")
+
+
+def _meta_format_for(device: torch.device, dtype: torch.dtype) -> str:
+    """The metadata layout a SparseLinear keeps on ``device``: that of the kernel that will run."""
+    return "sm90" if select_kernel(device, dtype)[0] == "sm90" else "sm80"
+
+
+def cutlass_unavailable_reason(x: torch.Tensor, meta_format: str = "sm80") -> str | None:
+    """Why no CUTLASS kernel runs input ``x`` with metadata in ``meta_format`` (None when one does)."""
+    kernel, reason = select_kernel(x.device, x.dtype)
+    if kernel is None:
+        return reason
+    if kernel != meta_format:
+        return (f"the metadata is in the {meta_format} layout but this GPU runs the {kernel} kernel; move the module "
+                "with .to(device) (SparseLinear converts) or convert with wanda_kernels.sparse24.meta_"
+                f"{meta_format}_to_{kernel}")
     return None
 
 
@@ -52,7 +100,7 @@ def _warn_once(reason: str) -> None:
 
 
 def launch_sparse24_gemm(values: torch.Tensor, meta: torch.Tensor, xb: torch.Tensor, d: torch.Tensor) -> None:
-    """``d = W @ xb.T`` with the CUTLASS kernel; no padding, no validation beyond CUTLASS's own.
+    """sm80 kernel: ``d = W @ xb.T``; no padding, no validation beyond CUTLASS's own.
 
     Args:
         values, meta: the compressed weight ``(M, K/2)``, ``(M, K/16)`` int16 (M, K padded).
@@ -71,9 +119,59 @@ def launch_sparse24_gemm(values: torch.Tensor, meta: torch.Tensor, xb: torch.Ten
                            f"{m_pad}x{k_pad}, input padded to {n_pad}x{k_pad}, {xb.dtype}, config {config}")
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=1024)
+def _sm90_workspace_bytes(dtype_code: int, config: int, m: int, n: int, k: int, sm_count: int) -> int:
+    return extension().sm90_workspace_size(dtype_code, config, m, n, k, sm_count)
+
+
+def launch_sparse24_sm90(values: torch.Tensor, meta: torch.Tensor, xb: torch.Tensor, y: torch.Tensor,
+                         bias: torch.Tensor | None, config: str | None = None) -> None:
+    """sm90a kernel: ``y = xb @ W.T (+ bias)``; no padding, no validation beyond CUTLASS's own.
+
+    Args:
+        values: ``(M_pad, K/2)``; meta: sm90 layout (``meta_shape(M_pad, K, "sm90")``) int16.
+        xb: ``(N, K)`` row-major (row stride a multiple of 8), on the weight's CUDA device.
+        y: ``(N, M)`` output of ``xb``'s dtype, row stride a multiple of 8; ``M % 8 == 0``,
+            ``M <= M_pad``: the first M rows of the weight are used.
+        bias: ``(M,)`` of ``xb``'s dtype, 16-byte aligned, or None.
+        config: ``"decode"`` | ``"large"`` | ``"streamk"``; None picks by token count.
+    """
+    ext = extension()
+    m, n, k = y.shape[1], xb.shape[0], 2 * values.shape[1]
+    if config is None:
+        config = "decode" if n <= _DECODE_MAX_TOKENS else "large"
+    code, cfg = _DTYPE_CODE[xb.dtype], SM90_CONFIGS[config]
+    sms = _sm_count(xb.device.index if xb.device.index is not None else torch.cuda.current_device())
+    ws_bytes = _sm90_workspace_bytes(code, cfg, m, n, k, sms)
+    workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=xb.device) if ws_bytes else None
+    with torch.cuda.device(xb.device):
+        status = ext.sm90_gemm(
+            code, cfg, m, n, k, values.data_ptr(), meta.data_ptr(), xb.data_ptr(), xb.stride(0), y.data_ptr(),
+            y.stride(0), 0 if bias is None else bias.data_ptr(), 0 if workspace is None else workspace.data_ptr(),
+            sms, torch.cuda.current_stream(xb.device).cuda_stream)
+    if status != 0:
+        raise RuntimeError(f"CUTLASS sm90a 2:4 sparse GEMM failed ({ext.status_string(status)}): weight {m}x{k}, "
+                           f"input {n}x{k}, {xb.dtype}, config {config}")
+
+
+def _padded_input(x2d: torch.Tensor, n_pad: int, k_pad: int) -> torch.Tensor:
+    """``x2d`` itself when the kernels can read it in place, else a zero-padded copy ``(n_pad, k_pad)``."""
+    n, in_features = x2d.shape
+    if n_pad != n or k_pad != in_features or x2d.stride(1) != 1 or x2d.stride(0) % 8 or x2d.data_ptr() % 16:
+        xb = x2d.new_zeros(n_pad, k_pad)
+        xb[:n, :in_features] = x2d
+        return xb
+    return x2d
+
+
 def _cutlass_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
                     out_features: int) -> torch.Tensor:
-    """``y = x @ W.T (+ bias)`` with the CUTLASS kernel; pads tokens and in_features as needed."""
+    """sm80 kernel: ``y = x @ W.T (+ bias)``; pads tokens and in_features as needed."""
     in_features = x.shape[-1]
     m_pad, k_pad = values.shape[0], 2 * values.shape[1]
     x2d = x.reshape(-1, in_features)
@@ -81,13 +179,8 @@ def _cutlass_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     y = torch.empty(n, out_features, dtype=x.dtype, device=x.device)
     if n == 0:
         return y.reshape(*x.shape[:-1], out_features)
-    n_pad = _round_up(n, _TOKEN_MULTIPLE)
-    if n_pad != n or k_pad != in_features or x2d.stride(1) != 1 or x2d.stride(0) % 8 or x2d.data_ptr() % 16:
-        xb = x2d.new_zeros(n_pad, k_pad)
-        xb[:n, :in_features] = x2d
-    else:
-        xb = x2d
-    d = torch.empty(m_pad, n_pad, dtype=x.dtype, device=x.device)  # D = W @ x^T, (out, tokens)
+    xb = _padded_input(x2d, _round_up(n, _TOKEN_MULTIPLE), k_pad)
+    d = torch.empty(m_pad, xb.shape[0], dtype=x.dtype, device=x.device)  # D = W @ x^T, (out, tokens)
     try:
         launch_sparse24_gemm(values, meta, xb, d)
     except RuntimeError as exc:
@@ -101,32 +194,65 @@ def _cutlass_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     return y.reshape(*x.shape[:-1], out_features)
 
 
+def _sm90_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+                 out_features: int) -> torch.Tensor:
+    """sm90a kernel: ``y = x @ W.T (+ bias)``, y written row-major by the kernel, bias in its epilogue.
+
+    Tokens are never padded (TMA clips the ragged tile); in_features is padded only when
+    it is not the weight's padded K, and out_features only when it is not a multiple of 8.
+    """
+    in_features = x.shape[-1]
+    k_pad = 2 * values.shape[1]
+    x2d = x.reshape(-1, in_features)
+    n = x2d.shape[0]
+    m = _round_up(out_features, 8)
+    y = torch.empty(n, m, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y[:, :out_features].reshape(*x.shape[:-1], out_features)
+    xb = _padded_input(x2d, n, k_pad)
+    if bias is not None:
+        bias = bias.to(x.dtype)  # the epilogue reads the bias as the output's element type
+        if m != out_features or bias.data_ptr() % 16 or not bias.is_contiguous():
+            bias = torch.cat([bias.reshape(-1), bias.new_zeros(m - out_features)])
+    try:
+        launch_sparse24_sm90(values, meta, xb, y, bias)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc} (SparseLinear {in_features} -> {out_features}, input of {n} tokens)") from exc
+    if m != out_features:
+        y = y[:, :out_features].contiguous()
+    return y.reshape(*x.shape[:-1], out_features)
+
+
 # Optional[...], not "X | None": torch evaluates these annotations to infer the op's
 # schema, and must be able to on Python 3.9.
 @torch.library.custom_op("wanda_kernels::sparse24_linear", mutates_args=())
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],  # noqa: UP045
-                    out_features: int) -> torch.Tensor:
+                    out_features: int, meta_format: str = "sm80") -> torch.Tensor:
     """``x (..., in) -> (..., out_features)`` with a compressed 2:4 weight (see SparseLinear)."""
-    reason = cutlass_unavailable_reason(x)
+    reason = cutlass_unavailable_reason(x, meta_format)
     if reason is None:
+        if meta_format == "sm90":
+            return _sm90_linear(x, values, meta, bias, out_features)
         return _cutlass_linear(x, values, meta, bias, out_features)
     _warn_once(reason)
-    weight = decompress_24(values, meta)[:out_features, : x.shape[-1]]
+    weight = decompress_24(values, meta, meta_format=meta_format)[:out_features, : x.shape[-1]]
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 @sparse24_linear.register_fake
-def _sparse24_linear_fake(x, values, meta, bias, out_features):
+def _sparse24_linear_fake(x, values, meta, bias, out_features, meta_format="sm80"):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 class SparseLinear(nn.Module):
     """``y = x W^T + b`` with W stored 2:4-compressed (CUTLASS format).
 
-    Buffers (so ``state_dict`` round-trips): ``values`` ``(M, K/2)``, ``meta``
-    ``(M, K/16)`` int16 and ``bias`` ``(out_features,)`` or None, where ``M`` and ``K``
-    are ``out_features`` and ``in_features`` rounded up to multiples of 32 and 64 (the
-    kernel's granularity; the padding is zeros and invisible from outside).
+    Buffers: ``values`` ``(M, K/2)``, ``meta`` int16 and ``bias`` ``(out_features,)`` or
+    None, where ``M`` and ``K`` are ``out_features`` and ``in_features`` rounded up to
+    multiples of 32 and 64 (the kernels' granularity; the padding is zeros and invisible
+    from outside). ``meta`` is in the layout ``meta_format`` names: ``"sm80"``,
+    ``(M, K/16)``, or on a compute capability 9.0 GPU with the sm90a kernels built,
+    ``"sm90"``, ``meta_shape(M, K, "sm90")``. ``state_dict`` always stores ``"sm80"``.
 
     Build one with :meth:`from_linear` or :meth:`from_dense`. ``forward`` takes
     ``x (..., in_features)`` of the weight's dtype and returns ``(..., out_features)``.
@@ -146,6 +272,46 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", values)
         self.register_buffer("meta", meta)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.meta_format = "sm80"
+        self._sync_meta_format()
+
+    # -- metadata layout follows the device ---------------------------------------------
+
+    def _meta_as(self, meta_format: str) -> torch.Tensor:
+        """``self.meta`` converted to ``meta_format`` (the buffer itself when it already is)."""
+        if meta_format == self.meta_format:
+            return self.meta
+        m, k = self.values.shape[0], 2 * self.values.shape[1]
+        convert = meta_sm80_to_sm90 if meta_format == "sm90" else meta_sm90_to_sm80
+        return convert(self.meta, m, k)
+
+    def _sync_meta_format(self) -> None:
+        """Put ``meta`` in the layout of the kernel that will run on the module's device."""
+        target = _meta_format_for(self.values.device, self.values.dtype)
+        if target != self.meta_format:
+            self.meta = self._meta_as(target)
+            self.meta_format = target
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .cpu(), .half() ... all end here; convert after the move.
+        result = super()._apply(fn, *args, **kwargs)
+        self._sync_meta_format()
+        return result
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.meta_format != "sm80":  # checkpoints hold the portable (PyTorch) layout
+            destination[prefix + "meta"] = self._meta_as("sm80").detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The incoming meta is sm80: load into an sm80 buffer, then convert for the device.
+        if self.meta_format != "sm80":
+            self.meta = self._meta_as("sm80")
+            self.meta_format = "sm80"
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        finally:
+            self._sync_meta_format()
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> SparseLinear:
@@ -170,6 +336,8 @@ class SparseLinear(nn.Module):
         padded = weight.new_zeros(m, k)
         padded[:out_features, :in_features] = weight
         module.values, module.meta = compress_24(padded)
+        module.meta_format = "sm80"
+        module._sync_meta_format()
         if bias is not None:
             module.bias = bias.detach().to(weight.dtype).clone()
         return module
@@ -183,7 +351,8 @@ class SparseLinear(nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``(out_features, in_features)`` weight."""
-        return decompress_24(self.values, self.meta)[: self.out_features, : self.in_features]
+        return decompress_24(self.values, self.meta, meta_format=self.meta_format)[
+            : self.out_features, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -192,19 +361,23 @@ class SparseLinear(nn.Module):
             raise TypeError(f"SparseLinear holds {self.values.dtype} weights; got input of {x.dtype}")
         if x.device != self.values.device:
             raise ValueError(f"input is on {x.device} but SparseLinear is on {self.values.device}")
-        return torch.ops.wanda_kernels.sparse24_linear(x, self.values, self.meta, self.bias, self.out_features)
+        return torch.ops.wanda_kernels.sparse24_linear(x, self.values, self.meta, self.bias, self.out_features,
+                                                       self.meta_format)
 
     def backend(self) -> str:
         """What ``forward`` runs for inputs on this module's device."""
         probe = torch.empty(0, dtype=self.values.dtype, device=self.values.device)
-        reason = cutlass_unavailable_reason(probe)
-        return "cutlass-2:4" if reason is None else f"dense fallback ({reason.split(';')[0]})"
+        reason = cutlass_unavailable_reason(probe, self.meta_format)
+        if reason is None:
+            return {"sm90": "cutlass-sm90a (wgmma.sp)", "sm80": "cutlass-sm80 (mma.sp)"}[self.meta_format]
+        return f"dense fallback ({reason.split(';')[0]})"
 
     def extra_repr(self) -> str:
         padded = tuple(self.values.shape[:1]) + (2 * self.values.shape[1],)
         pad = "" if padded == (self.out_features, self.in_features) else f", padded={padded}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"dtype={self.values.dtype}{pad}, values={tuple(self.values.shape)}, meta={tuple(self.meta.shape)}, "
+                f"dtype={self.values.dtype}{pad}, values={tuple(self.values.shape)}, meta={tuple(self.meta.shape)} "
+                f"{self.meta_format}, "
                 f"backend={self.backend()}")
 
 

@@ -1,7 +1,8 @@
 """Fused Triton kernel: Wanda 2:4 selection straight into CUTLASS's compressed format.
 
 One pass over W: score, keep the 2 best of every 4, and write the kept values
-``(M, K/2)`` and the reordered int16 metadata ``(M, K/16)``, never a dense masked copy.
+``(M, K/2)`` and the int16 metadata in the sm80 layout ``(M, K/16)`` or the sm90 layout,
+never a dense masked copy.
 The output equals ``prune_(W, norms, pattern="2:4")`` followed by ``compress_24(W)``
 bit for bit (see ``wanda_kernels.reference`` for the format).
 """
@@ -22,12 +23,14 @@ def _prune_compress_24_kernel(
     w_ptr,  # (M, K) fp16/bf16, any strides
     norms_ptr,  # (K,) fp32; unused unless USE_NORMS
     values_ptr,  # (M, K/2) contiguous, viewed as int16
-    meta_ptr,  # (M, K/16) int16, contiguous, in the reordered layout
+    meta_ptr,  # int16, contiguous: (M, K/16) reordered (sm80), or (M64, K128/16) (sm90)
     n_rows,  # M, multiple of 32
+    e_rows,  # round_up(M, 64): rows of the sm90 layout
     n_cols,  # K, multiple of 64
     stride_wr,
     stride_wc,
     USE_NORMS: tl.constexpr,
+    META_SM90: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
     # Each program handles BLOCK_E metadata elements e = row * (K/16) + col: 4 groups
@@ -79,21 +82,37 @@ def _prune_compress_24_kernel(
     # Four 4-bit codes per int16, group t at bits 4t.
     code = idx0 | (idx1 << 2)
     plain = tl.sum(code << (4 * t2), axis=1)
-    # CUTLASS's reorder_meta (rows within blocks of 32, 2x2 Z->N swizzle) and
-    # ColumnMajorInterleaved<2> storage.
-    dst_row = row // 32 * 32 + (row % 8) * 4 + (row % 32) // 8
-    z_to_n = ((dst_row % 2) == 0) & ((mcol % 2) == 1)
-    n_to_z = ((dst_row % 2) == 1) & ((mcol % 2) == 0)
-    shift = z_to_n.to(tl.int64) - n_to_z.to(tl.int64)
-    dst_row = dst_row + shift
-    dst_col = mcol - shift
-    dst = (dst_col // 2) * (2 * n_rows) + dst_row * 2 + dst_col % 2
+    if META_SM90:
+        # CUTLASS 3.x Sm90GemmSparseConfig::fill_layoutE, in 16-bit words (16 columns):
+        # row = m0 + 8*m1 + 16*m2 + 64*mb, word column = k1 + 2*k2 + 8*kb
+        # (reference.meta_sm90_offsets, divided by 16).
+        m0 = row % 8
+        m1 = (row // 8) % 2
+        m2 = (row // 16) % 4
+        mb = row // 64
+        k1 = mcol % 2
+        k2 = (mcol // 2) % 4
+        kb = mcol // 8
+        dst = m1 + 2 * k2 + 8 * m0 + 64 * k1 + 128 * m2 + 512 * mb + (e_rows * 8) * kb
+    else:
+        # CUTLASS's reorder_meta (rows within blocks of 32, 2x2 Z->N swizzle) and
+        # ColumnMajorInterleaved<2> storage.
+        dst_row = row // 32 * 32 + (row % 8) * 4 + (row % 32) // 8
+        z_to_n = ((dst_row % 2) == 0) & ((mcol % 2) == 1)
+        n_to_z = ((dst_row % 2) == 1) & ((mcol % 2) == 0)
+        shift = z_to_n.to(tl.int64) - n_to_z.to(tl.int64)
+        dst_row = dst_row + shift
+        dst_col = mcol - shift
+        dst = (dst_col // 2) * (2 * n_rows) + dst_row * 2 + dst_col % 2
     tl.store(meta_ptr + dst, plain.to(tl.int16), mask=e_ok)
 
 
 def launch_prune_compress_24(weight: torch.Tensor, norms32: torch.Tensor | None,
-                             values: torch.Tensor, meta: torch.Tensor) -> None:
-    """Fill ``values`` ``(M, K/2)`` and ``meta`` ``(M, K/16)`` int16 from ``weight`` ``(M, K)``.
+                             values: torch.Tensor, meta: torch.Tensor, meta_format: str = "sm80") -> None:
+    """Fill ``values`` ``(M, K/2)`` and ``meta`` (int16, in ``meta_format``) from ``weight`` ``(M, K)``.
+
+    For ``"sm90"`` only the words of real groups are written: ``meta`` must arrive with
+    its padding already filled.
 
     No validation here: M % 32 == 0, K % 64 == 0, fp16/bf16, outputs contiguous on the
     weight's device, ``norms32`` fp32 contiguous or None (magnitude).
@@ -103,6 +122,7 @@ def launch_prune_compress_24(weight: torch.Tensor, norms32: torch.Tensor | None,
     norms_arg = norms32 if norms32 is not None else weight
     with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
         _prune_compress_24_kernel[(triton.cdiv(n_meta, _BLOCK_E),)](
-            weight, norms_arg, values.view(torch.int16), meta, m, k, weight.stride(0), weight.stride(1),
-            USE_NORMS=norms32 is not None, BLOCK_E=_BLOCK_E, num_warps=4,
+            weight, norms_arg, values.view(torch.int16), meta, m, (m + 63) // 64 * 64, k, weight.stride(0),
+            weight.stride(1), USE_NORMS=norms32 is not None, META_SM90=meta_format == "sm90", BLOCK_E=_BLOCK_E,
+            num_warps=4,
         )
