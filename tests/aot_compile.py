@@ -43,9 +43,10 @@ def variants():
         yield "_sq_norms_kernel", act_norms._sq_norms_kernel, sig, const, 4
         if dt != "fp32":  # the 2:4 format is for 16-bit weights
             sig = {"w_ptr": f"*{dt}", "norms_ptr": "*fp32", "values_ptr": "*i16", "meta_ptr": "*i16",
-                   "n_rows": "i32", "n_cols": "i32", "stride_wr": "i64", "stride_wc": "i64"}
-            const = {"USE_NORMS": True, "BLOCK_E": prune_compress._BLOCK_E}
-            yield "_prune_compress_24_kernel", prune_compress._prune_compress_24_kernel, sig, const, 4
+                   "n_rows": "i32", "e_rows": "i32", "n_cols": "i32", "stride_wr": "i64", "stride_wc": "i64"}
+            for meta_sm90 in (False, True):
+                const = {"USE_NORMS": True, "META_SM90": meta_sm90, "BLOCK_E": prune_compress._BLOCK_E}
+                yield "_prune_compress_24_kernel", prune_compress._prune_compress_24_kernel, sig, const, 4
 
 
 def main():

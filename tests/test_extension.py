@@ -37,13 +37,18 @@ def test_extension_links_no_libtorch_and_static_cudart(ext):
     assert b"libtorch" not in blob and b"libc10" not in blob
 
 
-def test_shared_object_has_sparse_tensor_core_kernels_for_each_arch(ext):
-    # cuobjdump ships in Triton's wheel; the .so must hold sm_80 and sm_90 cubins whose
-    # SASS uses the sparse MMA (HMMA.*.SP).
+def _cuobjdump():
     triton = pytest.importorskip("triton")
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.exists():
         pytest.skip("no cuobjdump in this Triton wheel")
+    return tool
+
+
+def test_shared_object_has_sparse_tensor_core_kernels_for_each_arch(ext):
+    # cuobjdump ships in Triton's wheel; the .so must hold sm_80 and sm_90 cubins whose
+    # SASS uses the sparse MMA (HMMA.*.SP).
+    tool = _cuobjdump()
     elfs = subprocess.run([str(tool), "-lelf", ext.__file__], capture_output=True, text=True, check=True).stdout
     for arch in _ext.built_archs():
         assert f"sm_{arch}" in elfs, elfs
@@ -52,11 +57,93 @@ def test_shared_object_has_sparse_tensor_core_kernels_for_each_arch(ext):
 
 
 def test_build_info(ext):
-    assert _ext.built_archs() == [int(a) for a in ext.cuda_archs.split(",")]
+    assert _ext.built_archs() == sorted({int(a.rstrip("a")) for a in ext.cuda_archs.split(",")})
+    assert ext.sm90_built() == ("90a" in ext.cuda_archs.split(",")) == _ext.sm90_built()
     assert set(_ext.built_archs()) >= {80} and all(a >= 80 for a in _ext.built_archs())
     assert ext.cutlass_version.count(".") == 2
     assert ext.config_shape(0) == (64, 64, 64, 8)
     assert ext.config_shape(1) == (128, 128, 64, 8)
+
+
+@pytest.fixture(scope="module")
+def sm90a_cubins(ext, tmp_path_factory):
+    """The sm_90a cubins of _C, extracted (decompressed) by cuobjdump."""
+    if not ext.sm90_built():
+        pytest.skip(f"built without the sm90a kernels (architectures {ext.cuda_archs})")
+    tool = _cuobjdump()
+    out = tmp_path_factory.mktemp("cubins")
+    subprocess.run([str(tool), "-xelf", "all", ext.__file__], cwd=out, capture_output=True, check=True)
+    cubins = sorted(out.glob("*.sm_90a.cubin"))
+    assert cubins, sorted(p.name for p in out.iterdir())
+    return tool, cubins
+
+
+def test_sm90a_kernels_use_sparse_wgmma(sm90a_cubins):
+    # wgmma.mma_async.sp in PTX becomes HGMMA.<shape>.SP in Hopper SASS: one per
+    # (dtype, configuration) kernel, with the tile widths of sm90_config_shape.
+    tool, cubins = sm90a_cubins
+    shapes = set()
+    for cubin in cubins:
+        sass = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        shapes |= {tok.split(".")[2] for tok in sass.split() if tok.startswith("HGMMA.SP.")}
+    assert {"64x32x32", "64x128x32"} <= shapes, shapes
+
+
+def test_sm90a_kernels_have_no_arch_conditional_abort(sm90a_cubins):
+    # Built for plain sm_90, CUTLASS replaces the sparse wgmma by a printf of "Arch
+    # conditional MMA instruction used without targeting appropriate compute capability"
+    # and a trap; that text must not be in any cubin of the sm90a kernels.
+    _, cubins = sm90a_cubins
+    for cubin in cubins:
+        assert b"Arch conditional" not in cubin.read_bytes(), cubin.name
+
+
+SM90_SHAPES = [(4096, 1, 4096), (4096, 16, 4096), (11008, 2048, 4096), (4096, 8192, 11008), (8192, 1, 28672),
+               (104, 3, 192)]
+
+
+@pytest.mark.parametrize("dtype", [0, 1])
+@pytest.mark.parametrize("config", [0, 1, 2])
+@pytest.mark.parametrize(("m", "n", "k"), SM90_SHAPES)
+def test_sm90_can_implement_llama_and_odd_shapes(ext, dtype, config, m, n, k):
+    if not ext.sm90_built():
+        pytest.skip("built without the sm90a kernels")
+    assert ext.sm90_can_implement(dtype, config, m, n, k, P, P, P, k, P, m, 0, 132) == 0
+    assert ext.sm90_can_implement(dtype, config, m, n, k, P, P, P, k, P, m, P, 132) == 0  # with a bias
+
+
+def test_sm90_workspace_only_for_stream_k(ext):
+    if not ext.sm90_built():
+        pytest.skip("built without the sm90a kernels")
+    assert ext.sm90_workspace_size(0, 0, 4096, 16, 4096, 132) == 0
+    assert ext.sm90_workspace_size(0, 1, 4096, 8192, 4096, 132) == 0
+    assert ext.sm90_workspace_size(0, 2, 4096, 16, 4096, 132) > 0  # partial tiles of split K
+    assert ext.sm90_config_shape(0) == (64, 32, 256) and ext.sm90_config_shape(1) == (128, 128, 128)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(m=100), r"m \(out_features\) must be a positive multiple of 8; got 100"),
+        (dict(k=96), r"k \(in_features\) must be a positive multiple of 64; got 96"),
+        (dict(n=0), r"n \(tokens\) must be positive; got 0"),
+        (dict(meta=P + 4), r"meta must be 16-byte aligned"),
+        (dict(y=0), r"y is a null pointer"),
+        (dict(bias=P + 2), r"bias must be 0 \(none\) or 16-byte aligned"),
+        (dict(ldx=4100), r"x row stride \(ldx\) must be >= k and a multiple of 8; got 4100"),
+        (dict(ldy=8), r"y row stride \(ldy\) must be >= m"),
+        (dict(config=3), r"sm90 config must be 0 \(decode\), 1 \(large\) or 2 \(stream-K\); got 3"),
+        (dict(sm_count=0), r"sm_count must be positive; got 0"),
+    ],
+)
+def test_sm90_argument_checks_name_the_argument(ext, change, message):
+    args = dict(dtype=0, config=0, m=4096, n=16, k=4096, values=P, meta=P, x=P, ldx=4096, y=P, ldy=4096, bias=0,
+                sm_count=132)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        ext.sm90_can_implement(**args)
+    with pytest.raises(ValueError, match=message):
+        ext.sm90_gemm(**args, workspace=0, stream=0)
 
 
 def test_runs_on_follows_sass_compatibility(ext):
@@ -110,6 +197,9 @@ def test_launch_without_gpu_reports_a_status(ext):
         pytest.skip("a GPU machine: the launch would run for real")
     status = ext.sparse24_gemm(0, 1, 4096, 2048, 4096, P, P, P, 4096, P, 2048, 0)
     assert status != 0 and ext.status_string(status)
+    if ext.sm90_built():
+        status = ext.sm90_gemm(0, 0, 4096, 16, 4096, P, P, P, 4096, P, 4096, 0, 0, 132, 0)
+        assert status != 0 and ext.status_string(status)
 
 
 def test_cpu_input_reason_names_the_device():

@@ -76,23 +76,25 @@ def test_second_gpu_if_present():
 # 2:4 sparse inference on the GPU (CUTLASS kernel of the compiled extension).
 
 def _cutlass_ready():
-    from wanda_kernels.sparse_linear import cutlass_unavailable_reason
+    """The kernel dispatch picks on this GPU ("sm80" or "sm90"); skip when there is none."""
+    from wanda_kernels.sparse_linear import select_kernel
 
-    reason = cutlass_unavailable_reason(torch.empty(1, device="cuda", dtype=torch.float16))
-    if reason is not None:
+    kernel, reason = select_kernel(torch.device("cuda"), torch.float16)
+    if kernel is None:
         pytest.skip(reason)
+    return kernel
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("out_f", "in_f"), [(4096, 4096), (11008, 4096), (4096, 11008), (100, 200)])
 @pytest.mark.parametrize("tokens", [1, 13, 128, 2048])
 def test_sparse_linear_error_within_twice_dense(out_f, in_f, tokens, dtype):
-    _cutlass_ready()
+    kernel = _cutlass_ready()
     g = torch.Generator(device="cuda").manual_seed(0)
     lin = torch.nn.Linear(in_f, out_f, device="cuda", dtype=dtype)
     wk.prune_(lin, torch.rand(in_f, generator=g, device="cuda") + 0.1, pattern="2:4")
     sl = wk.SparseLinear.from_linear(lin)
-    assert sl.backend() == "cutlass-2:4"
+    assert sl.meta_format == kernel and sl.backend().startswith(f"cutlass-{kernel}")
     x = torch.randn(tokens, in_f, generator=g, device="cuda", dtype=dtype)
     ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
     dense_err = (torch.nn.functional.linear(x, lin.weight, lin.bias).float() - ref).abs().max()
@@ -126,3 +128,114 @@ def test_prune_compress_on_gpu_equals_torch_path():
     v, m = wk.prune_compress_24(w, norms)  # Triton on CUDA
     tv, tm = wk.prune_compress_24(w, norms, backend="torch")
     assert torch.equal(v.view(torch.int16), tv.view(torch.int16)) and torch.equal(m, tm)
+
+
+# ---------------------------------------------------------------------------
+# Hopper: the sm90a kernels (compute capability 9.0 only).
+
+
+def _hopper():
+    from wanda_kernels._ext import sm90_built
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"the sm90a kernels run on compute capability 9.0; this GPU is {torch.cuda.get_device_capability()}")
+    if not sm90_built():
+        pytest.skip("wanda_kernels._C was built without the sm90a kernels")
+
+
+def _pruned(out_f, in_f, dtype, seed=0, bias=True):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias, device="cuda", dtype=dtype)
+    wk.prune_(lin, torch.rand(in_f, generator=g, device="cuda") + 0.1, pattern="2:4")
+    return lin, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", ["decode", "large", "streamk"])
+@pytest.mark.parametrize(("out_f", "in_f"), [(4096, 4096), (11008, 4096), (4096, 11008), (104, 192)])
+@pytest.mark.parametrize("tokens", [1, 13, 128, 2048])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sm90_each_config_error_within_twice_dense(out_f, in_f, tokens, dtype, config, bias):
+    from wanda_kernels.sparse_linear import launch_sparse24_sm90
+
+    _hopper()
+    lin, g = _pruned(out_f, in_f, dtype, bias=bias)
+    sl = wk.SparseLinear.from_linear(lin)
+    assert sl.meta_format == "sm90"
+    x = torch.randn(tokens, in_f, generator=g, device="cuda", dtype=dtype)
+    y = torch.full((tokens, out_f), float("nan"), device="cuda", dtype=dtype)
+    launch_sparse24_sm90(sl.values, sl.meta, x, y, sl.bias, config)
+    ref = torch.nn.functional.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+    dense_err = (torch.nn.functional.linear(x, lin.weight, lin.bias).float() - ref).abs().max()
+    sparse_err = (y.float() - ref).abs().max()
+    assert not y.isnan().any()
+    assert sparse_err <= 2 * dense_err + 1e-6, (float(sparse_err), float(dense_err))
+
+
+def test_sm90_module_layout_follows_the_device_and_checkpoints_sm80():
+    _hopper()
+    lin, g = _pruned(4096, 4096, torch.float16)
+    sl = wk.SparseLinear.from_linear(lin)
+    assert sl.meta_format == "sm90" and sl.backend().startswith("cutlass-sm90a")
+    state = sl.state_dict()
+    assert torch.equal(state["meta"].cpu(), wk.compress_24(lin.weight.detach().cpu())[1])
+    sl.cpu()
+    assert sl.meta_format == "sm80" and torch.equal(sl.meta, state["meta"].cpu())
+    sl.cuda()
+    assert sl.meta_format == "sm90"
+    x = torch.randn(5, 4096, generator=g, device="cuda", dtype=torch.float16)
+    torch.testing.assert_close(sl(x), lin(x), rtol=1e-2, atol=1e-2)
+
+
+def test_sm90_prune_compress_on_gpu_equals_torch_path():
+    g = torch.Generator(device="cuda").manual_seed(5)
+    w = torch.randn(4096, 11008, generator=g, device="cuda").bfloat16()
+    norms = torch.rand(11008, generator=g, device="cuda")
+    v, e = wk.prune_compress_24(w, norms, meta_format="sm90")  # Triton on CUDA
+    tv, te = wk.prune_compress_24(w, norms, meta_format="sm90", backend="torch")
+    assert torch.equal(v.view(torch.int16), tv.view(torch.int16)) and torch.equal(e, te)
+
+
+def test_sm80_kernel_still_runs_on_hopper():
+    # The benchmark's sm80 column on H100/H200: the sm_90 build of the sm80 kernel.
+    from wanda_kernels._ext import runs_on
+    from wanda_kernels.sparse_linear import launch_sparse24_gemm
+
+    _hopper()
+    if not runs_on(9, 0):
+        pytest.skip("no sm_90 build of the sm80 kernel")
+    lin, g = _pruned(4096, 4096, torch.float16, bias=False)
+    values, meta = wk.compress_24(lin.weight.detach())
+    x = torch.randn(16, 4096, generator=g, device="cuda", dtype=torch.float16)
+    d = torch.empty(4096, 16, device="cuda", dtype=torch.float16)
+    launch_sparse24_gemm(values, meta, x, d)
+    torch.testing.assert_close(d.t(), lin(x), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("m", "k"), [(256, 512), (4096, 4096)])
+def test_sm90_cutlass_compressor_and_our_conversion_decode_the_same(m, k, dtype):
+    from test_sparse24 import random_24
+
+    from wanda_kernels._ext import extension
+    from wanda_kernels.sparse24 import meta_shape, meta_sm80_to_sm90
+    from wanda_kernels.sparse_linear import _DTYPE_CODE, _sm_count
+
+    _hopper()
+    ext = extension()
+    w = random_24(m, k, dtype, seed=m + k).cuda()  # groups with < 2 non-zeros, and -0.0
+    values_c = torch.empty(m, k // 2, dtype=dtype, device="cuda")
+    meta_c = torch.empty(meta_shape(m, k, "sm90"), dtype=torch.int16, device="cuda")
+    sms = _sm_count(torch.cuda.current_device())
+    ws_bytes = ext.sm90_compress_workspace_size(_DTYPE_CODE[dtype], m, k, sms)
+    ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device="cuda")
+    status = ext.sm90_compress(_DTYPE_CODE[dtype], m, k, w.data_ptr(), values_c.data_ptr(), meta_c.data_ptr(),
+                               ws.data_ptr(), sms, torch.cuda.current_stream().cuda_stream)
+    assert status == 0, ext.status_string(status)
+    torch.cuda.synchronize()
+    theirs = wk.decompress_24(values_c, meta_c, meta_format="sm90")
+    values, meta = wk.compress_24(w)
+    ours = wk.decompress_24(values, meta_sm80_to_sm90(meta, m, k), meta_format="sm90")
+    # Valid codes of groups with < 2 non-zeros differ between the two compressors:
+    # compare decoded matrices (value equality, -0.0 == 0.0).
+    assert torch.equal(theirs, ours) and torch.equal(ours, w)
