@@ -58,6 +58,30 @@ def bench_ms(fn, device: torch.device, *, cpu_reps: int = 5, cpu_max_s: float = 
     return statistics.median(times)
 
 
+def peak_hbm_gbps(device: torch.device) -> float | None:
+    """The GPU's spec-sheet memory bandwidth in GB/s (double data rate x bus width), or None.
+
+    From ``torch.cuda.get_device_properties`` where this torch reports the memory clock
+    and bus width; H100 SXM: 2 x 2619 MHz x 5120 bit / 8 = 3352 GB/s.
+    """
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    return gbps(2 * clock_khz * 1e3 * bus_bits / 8 * 1e-3, 1.0)  # bytes per ms -> GB/s
+
+
+def copy_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (read + write) on ``nbytes``, in GB/s."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), device)
+    return gbps(2 * nbytes, ms)
+
+
 def environment(device: torch.device) -> dict:
     """What the numbers were measured on: device name, library versions, host."""
     info = {

@@ -3,17 +3,25 @@
 For LLaMA-7B/13B/70B linear shapes and 1, 16, 128, 2048, 8192 tokens, in fp16 and
 bf16, times in one run (``triton.testing.do_bench`` medians):
 
-* dense  ``torch.nn.functional.linear`` (cuBLAS);
-* ours   ``SparseLinear`` (the CUTLASS 2:4 kernel plus the pass that writes y as
-  (tokens, out) with the bias), and the kernel alone;
-* torch  PyTorch's ``to_sparse_semi_structured`` weight in ``F.linear`` (its CUTLASS
-  backend on compute capability 8.x, cuSPARSELt elsewhere; the table says which ran, or
-  why none could).
+* dense    ``torch.nn.functional.linear`` (cuBLAS);
+* ours     ``SparseLinear`` end to end, with whichever kernel dispatch picks on this GPU
+           (sm90a on compute capability 9.0, sm80 on 8.x);
+* sm80     the CUTLASS sm80 kernel (mma.sp) alone, where it runs (8.x, and 9.0 through
+           its sm_90 build);
+* sm90     the CUTLASS 3.x sm90a kernels (sparse wgmma) alone, each configuration:
+           ``decode`` 64x32x256, ``large`` 128x128x128 with a 1x2 cluster, ``streamk``
+           128x32x256 with stream-K (compute capability 9.0 only);
+* torch    PyTorch's ``to_sparse_semi_structured`` weight in ``F.linear`` (its CUTLASS
+           backend on 8.x, cuSPARSELt elsewhere; the table says which ran, or why none could).
 
 TFLOP/s are effective dense rates, 2 * tokens * out * in / time, for every column, so
-they compare directly. Writes JSON and CSV with the GPU name and versions, and a PNG of
-the speedup over dense against tokens, under ``benchmarks/results/``.
-Needs a CUDA GPU: without one it says so and exits with status 2.
+they compare directly. GB/s count the bytes each method must move at least (weight as
+stored, with metadata for 2:4, plus x and y), and ``% peak`` relates them to the GPU's
+spec-sheet memory bandwidth, and ``% copy`` to a device copy measured in the same run:
+the figures that matter at 1-16 tokens, where the GEMM is memory-bound. Writes JSON and
+CSV with the GPU name and versions, and a PNG of the speedup over dense against tokens,
+under ``benchmarks/results/``. Needs a CUDA GPU: without one it says so and exits with
+status 2.
 """
 
 from __future__ import annotations
@@ -26,12 +34,23 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from _common import LLAMA_SHAPES, bench_ms, environment, format_table, tflops, write_results
+from _common import (
+    LLAMA_SHAPES,
+    bench_ms,
+    copy_gbps,
+    environment,
+    format_table,
+    gbps,
+    peak_hbm_gbps,
+    tflops,
+    write_results,
+)
 
 log = logging.getLogger("gemm_2to4")
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 TOKENS = [1, 16, 128, 2048, 8192]
+SM90_CONFIGS = ("decode", "large", "streamk")
 
 
 def torch_semi_structured(weight: torch.Tensor):
@@ -61,9 +80,20 @@ def torch_semi_structured(weight: torch.Tensor):
     return None, "; ".join(reasons)
 
 
-def run_case(model, layer, shape, tokens, dtype, device):
+def kernels_here(device: torch.device) -> dict[str, bool]:
+    """Which of our kernels can run alone on ``device``."""
+    from wanda_kernels._ext import extension, runs_on, sm90_built
+
+    if device.type != "cuda" or extension() is None:
+        return {"sm80": False, "sm90": False}
+    cc = torch.cuda.get_device_capability(device)
+    return {"sm80": cc[0] in (8, 9) and runs_on(*cc), "sm90": cc == (9, 0) and sm90_built()}
+
+
+def run_case(model, layer, shape, tokens, dtype, device, kernels, bandwidth):
     import wanda_kernels as wk
-    from wanda_kernels.sparse_linear import cutlass_unavailable_reason
+    from wanda_kernels.sparse24 import meta_sm80_to_sm90
+    from wanda_kernels.sparse_linear import _TOKEN_MULTIPLE, _round_up, launch_sparse24_gemm, launch_sparse24_sm90
 
     out_f, in_f = shape
     g = torch.Generator(device=device).manual_seed(0)
@@ -72,41 +102,48 @@ def run_case(model, layer, shape, tokens, dtype, device):
     weight = lin.weight.detach()
     x = torch.randn(tokens, in_f, generator=g, device=device, dtype=dtype)
     flops = 2.0 * tokens * out_f * in_f
+    elt = weight.element_size()
+    io_bytes = elt * tokens * (in_f + out_f)
+    moved = {"dense": elt * out_f * in_f + io_bytes,  # the least each method must read and write
+             "sparse": elt * out_f * in_f // 2 + out_f * in_f // 8 + io_bytes}
     row = dict(model=model, layer=layer, out_features=out_f, in_features=in_f, tokens=tokens,
                dtype=str(dtype).replace("torch.", ""))
+    timings = {}
 
-    row["dense_ms"] = bench_ms(lambda: F.linear(x, weight), device)
+    timings["dense"] = bench_ms(lambda: F.linear(x, weight), device)
     sl = wk.SparseLinear.from_linear(lin)
     row["ours_backend"] = sl.backend()
-    row["ours_ms"] = bench_ms(lambda: sl(x), device)
-    if device.type == "cuda" and cutlass_unavailable_reason(x) is None:
-        row["ours_kernel_ms"] = bench_ms(lambda: _kernel_only(sl, x), device)
+    timings["ours"] = bench_ms(lambda: sl(x), device)
+    if kernels["sm80"] or kernels["sm90"]:
+        values, meta80 = wk.compress_24(weight)
+    if kernels["sm80"]:  # the kernel alone, into preallocated buffers (no padding, no output pass)
+        xb = x.new_zeros(_round_up(tokens, _TOKEN_MULTIPLE), in_f)
+        xb[:tokens] = x
+        d = torch.empty(out_f, xb.shape[0], dtype=dtype, device=device)
+        timings["sm80"] = bench_ms(lambda: launch_sparse24_gemm(values, meta80, xb, d), device)
+    if kernels["sm90"]:
+        meta90 = meta_sm80_to_sm90(meta80, out_f, in_f)
+        y = torch.empty(tokens, out_f, dtype=dtype, device=device)
+        for cfg in SM90_CONFIGS:
+            timings[f"sm90_{cfg}"] = bench_ms(lambda cfg=cfg: launch_sparse24_sm90(values, meta90, x, y, None, cfg),
+                                             device)
+        row["sm90_best"] = min(SM90_CONFIGS, key=lambda c: timings[f"sm90_{c}"])
+        timings["sm90"] = timings[f"sm90_{row['sm90_best']}"]
     sparse_w, row["torch_backend"] = torch_semi_structured(weight) if device.type == "cuda" else (None, "no CUDA")
-    row["torch_ms"] = bench_ms(lambda: F.linear(x, sparse_w), device) if sparse_w is not None else None
+    if sparse_w is not None:
+        timings["torch"] = bench_ms(lambda: F.linear(x, sparse_w), device)
 
-    for key in ("dense", "ours", "ours_kernel", "torch"):
-        ms = row.get(f"{key}_ms")
+    for key in ("dense", "ours", "sm80", "sm90_decode", "sm90_large", "sm90_streamk", "sm90", "torch"):
+        ms = timings.get(key)
+        row[f"{key}_ms"] = ms
         row[f"{key}_tflops"] = tflops(flops, ms) if ms else None
-    row["speedup_ours"] = row["dense_ms"] / row["ours_ms"]
-    row["speedup_torch"] = row["dense_ms"] / row["torch_ms"] if row["torch_ms"] else None
+        row[f"{key}_gbps"] = gbps(moved["dense" if key == "dense" else "sparse"], ms) if ms else None
+        if key != "dense":
+            row[f"speedup_{key}"] = timings["dense"] / ms if ms else None
+    for key in ("dense", "ours", "sm90"):
+        for ref_name, ref in (("peak", bandwidth.get("peak_hbm_gbps")), ("copy", bandwidth.get("copy_gbps"))):
+            row[f"{key}_pct_{ref_name}"] = 100.0 * row[f"{key}_gbps"] / ref if ref and row[f"{key}_gbps"] else None
     return row
-
-
-def _kernel_only(sl, x):
-    """The CUTLASS GEMM alone (D = W x^T into preallocated buffers), without padding or the output pass."""
-    from wanda_kernels.sparse_linear import _TOKEN_MULTIPLE, _round_up, launch_sparse24_gemm
-
-    key = (tuple(x.shape), x.dtype, tuple(sl.values.shape))  # the buffers depend on these alone
-    buf = _kernel_only.buffers.get(key)
-    if buf is None:
-        xb = x.new_zeros(_round_up(x.shape[0], _TOKEN_MULTIPLE), 2 * sl.values.shape[1])
-        xb[: x.shape[0], : x.shape[1]] = x
-        d = torch.empty(sl.values.shape[0], xb.shape[0], dtype=x.dtype, device=x.device)
-        buf = _kernel_only.buffers[key] = (xb, d)
-    launch_sparse24_gemm(sl.values, sl.meta, *buf)
-
-
-_kernel_only.buffers = {}
 
 
 def plot(rows, path):
@@ -167,13 +204,20 @@ def main(argv=None) -> int:
         return 2
 
     env = environment(device)
-    log.info("Device: %s | torch %s | triton %s", env["device_name"], env["torch"], env["triton"])
+    kernels = kernels_here(device)
+    bandwidth = {"peak_hbm_gbps": peak_hbm_gbps(device), "copy_gbps": copy_gbps(device, 1 << 30 if
+                                                                                 device.type == "cuda" else 1 << 24)}
+    env.update(bandwidth, kernels_timed=[k for k, ok in kernels.items() if ok])
+    log.info("Device: %s | torch %s | triton %s | kernels alone: %s | peak %s GB/s, copy %.0f GB/s",
+             env["device_name"], env["torch"], env["triton"], env["kernels_timed"] or "none",
+             f"{bandwidth['peak_hbm_gbps']:.0f}" if bandwidth["peak_hbm_gbps"] else "?", bandwidth["copy_gbps"])
     rows = []
     for model, layers in shapes.items():
         for layer, shape in layers.items():
             for dtype_name in args.dtypes:
                 for tokens in args.tokens:
-                    rows.append(run_case(model, layer, shape, tokens, DTYPES[dtype_name], device))
+                    rows.append(run_case(model, layer, shape, tokens, DTYPES[dtype_name], device, kernels,
+                                         bandwidth))
                     r = rows[-1]
                     log.info("%s %-8s %5d tok %s: dense %.4f ms, ours %.4f ms (%.2fx), torch %s", model, layer,
                              tokens, dtype_name, r["dense_ms"], r["ours_ms"], r["speedup_ours"],
@@ -182,9 +226,12 @@ def main(argv=None) -> int:
     print(format_table(rows, [
         ("model", "model", ""), ("layer", "layer", ""), ("out_features", "out", "d"), ("in_features", "in", "d"),
         ("tokens", "tokens", "d"), ("dtype", "dtype", ""), ("dense_ms", "dense ms", ".4f"),
-        ("dense_tflops", "TF/s", ".1f"), ("ours_ms", "ours ms", ".4f"), ("ours_tflops", "TF/s", ".1f"),
-        ("speedup_ours", "x dense", ".2f"), ("ours_kernel_ms", "kernel ms", ".4f"), ("torch_ms", "torch ms", ".4f"),
-        ("speedup_torch", "x dense", ".2f"),
+        ("dense_tflops", "TF/s", ".1f"), ("dense_pct_peak", "% peak", ".0f"), ("ours_ms", "ours ms", ".4f"),
+        ("ours_tflops", "TF/s", ".1f"), ("ours_pct_peak", "% peak", ".0f"), ("speedup_ours", "x dense", ".2f"),
+        ("sm80_ms", "sm80 ms", ".4f"), ("speedup_sm80", "x dense", ".2f"),
+        ("sm90_decode_ms", "sm90 dec ms", ".4f"), ("sm90_large_ms", "sm90 large ms", ".4f"),
+        ("sm90_streamk_ms", "sm90 sk ms", ".4f"), ("speedup_sm90", "best x dense", ".2f"),
+        ("torch_ms", "torch ms", ".4f"), ("speedup_torch", "x dense", ".2f"),
     ]))
     backends = sorted({r["torch_backend"] for r in rows})
     print(f"\nPyTorch 2:4 backend: {'; '.join(backends)}")
