@@ -121,31 +121,6 @@ def test_sm90_workspace_only_for_stream_k(ext):
     assert ext.sm90_config_shape(0) == (64, 32, 256) and ext.sm90_config_shape(1) == (128, 128, 128)
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (dict(m=100), r"m \(out_features\) must be a positive multiple of 8; got 100"),
-        (dict(k=96), r"k \(in_features\) must be a positive multiple of 64; got 96"),
-        (dict(n=0), r"n \(tokens\) must be positive; got 0"),
-        (dict(meta=P + 4), r"meta must be 16-byte aligned"),
-        (dict(y=0), r"y is a null pointer"),
-        (dict(bias=P + 2), r"bias must be 0 \(none\) or 16-byte aligned"),
-        (dict(ldx=4100), r"x row stride \(ldx\) must be >= k and a multiple of 8; got 4100"),
-        (dict(ldy=8), r"y row stride \(ldy\) must be >= m"),
-        (dict(config=3), r"sm90 config must be 0 \(decode\), 1 \(large\) or 2 \(stream-K\); got 3"),
-        (dict(sm_count=0), r"sm_count must be positive; got 0"),
-    ],
-)
-def test_sm90_argument_checks_name_the_argument(ext, change, message):
-    args = dict(dtype=0, config=0, m=4096, n=16, k=4096, values=P, meta=P, x=P, ldx=4096, y=P, ldy=4096, bias=0,
-                sm_count=132)
-    args.update(change)
-    with pytest.raises(ValueError, match=message):
-        ext.sm90_can_implement(**args)
-    with pytest.raises(ValueError, match=message):
-        ext.sm90_gemm(**args, workspace=0, stream=0)
-
-
 def test_runs_on_follows_sass_compatibility(ext):
     archs = _ext.built_archs()
     if 80 in archs:
@@ -161,29 +136,49 @@ def test_can_implement_llama_shapes(ext, dtype, config, m, n, k):
     assert ext.can_implement(dtype, config, m, n, k, P, P, P, k, P, n) == 0
 
 
+# Both kernels' entry points check their arguments before anything else (whether or not
+# the kernel is built), with messages that name the argument.
+CALLS = {
+    "sm80": (dict(dtype=0, config=1, m=4096, n=2048, k=4096, values=P, meta=P, x=P, ldb=4096, out=P, ldd=2048),
+             "can_implement", "sparse24_gemm", dict(stream=0)),
+    "sm90": (dict(dtype=0, config=0, m=4096, n=16, k=4096, values=P, meta=P, x=P, ldx=4096, y=P, ldy=4096, bias=0,
+                  sm_count=132), "sm90_can_implement", "sm90_gemm", dict(workspace=0, stream=0)),
+}
+
+
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("kernel", "change", "message"),
     [
-        (dict(m=48), r"m \(out_features\) must be a positive multiple of 32; got 48"),
-        (dict(k=96), r"k \(in_features\) must be a positive multiple of 64; got 96"),
-        (dict(n=0), r"n \(tokens\) must be positive; got 0"),
-        (dict(n=12, ldd=12), r"n \(tokens\) must be a multiple of 8 for config 1; got 12"),
-        (dict(values=P + 2), r"values must be 16-byte aligned; got 0x10002"),
-        (dict(meta=0), r"meta is a null pointer"),
-        (dict(x=P + 8), r"x must be 16-byte aligned"),
-        (dict(ldb=4100), r"x row stride \(ldb\) must be >= k and a multiple of 8; got 4100"),
-        (dict(ldd=8), r"out row stride \(ldd\) must be >= n"),
-        (dict(dtype=2), r"dtype must be 0 \(float16\) or 1 \(bfloat16\); got 2"),
-        (dict(config=5), r"config must be 0 \(decode\) or 1 \(large\); got 5"),
+        ("sm80", dict(m=48), r"m \(out_features\) must be a positive multiple of 32; got 48"),
+        ("sm80", dict(k=96), r"k \(in_features\) must be a positive multiple of 64; got 96"),
+        ("sm80", dict(n=0), r"n \(tokens\) must be positive; got 0"),
+        ("sm80", dict(n=12, ldd=12), r"n \(tokens\) must be a multiple of 8 for config 1; got 12"),
+        ("sm80", dict(values=P + 2), r"values must be 16-byte aligned; got 0x10002"),
+        ("sm80", dict(meta=0), r"meta is a null pointer"),
+        ("sm80", dict(x=P + 8), r"x must be 16-byte aligned"),
+        ("sm80", dict(ldb=4100), r"x row stride \(ldb\) must be >= k and a multiple of 8; got 4100"),
+        ("sm80", dict(ldd=8), r"out row stride \(ldd\) must be >= n"),
+        ("sm80", dict(dtype=2), r"dtype must be 0 \(float16\) or 1 \(bfloat16\); got 2"),
+        ("sm80", dict(config=5), r"config must be 0 \(decode\) or 1 \(large\); got 5"),
+        ("sm90", dict(m=100), r"m \(out_features\) must be a positive multiple of 8; got 100"),
+        ("sm90", dict(k=96), r"k \(in_features\) must be a positive multiple of 64; got 96"),
+        ("sm90", dict(n=0), r"n \(tokens\) must be positive; got 0"),
+        ("sm90", dict(meta=P + 4), r"meta must be 16-byte aligned"),
+        ("sm90", dict(y=0), r"y is a null pointer"),
+        ("sm90", dict(bias=P + 2), r"bias must be 0 \(none\) or 16-byte aligned"),
+        ("sm90", dict(ldx=4100), r"x row stride \(ldx\) must be >= k and a multiple of 8; got 4100"),
+        ("sm90", dict(ldy=8), r"y row stride \(ldy\) must be >= m"),
+        ("sm90", dict(config=3), r"sm90 config must be 0 \(decode\), 1 \(large\) or 2 \(stream-K\); got 3"),
+        ("sm90", dict(sm_count=0), r"sm_count must be positive; got 0"),
     ],
 )
-def test_argument_checks_name_the_argument(ext, change, message):
-    args = dict(dtype=0, config=1, m=4096, n=2048, k=4096, values=P, meta=P, x=P, ldb=4096, out=P, ldd=2048)
-    args.update(change)
+def test_argument_checks_name_the_argument(ext, kernel, change, message):
+    base, check, launch, launch_only = CALLS[kernel]
+    args = {**base, **change}
     with pytest.raises(ValueError, match=message):
-        ext.can_implement(**args)
+        getattr(ext, check)(**args)
     with pytest.raises(ValueError, match=message):
-        ext.sparse24_gemm(**args, stream=0)
+        getattr(ext, launch)(**args, **launch_only)
 
 
 def test_status_strings(ext):
