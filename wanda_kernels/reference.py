@@ -250,12 +250,13 @@ def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """Reference of :func:`wanda_kernels.decompress_24`: ``(values, meta)`` -> dense ``(M, K)``."""
-    m, half_k = values.shape
-    k = half_k * 2
-    offsets = meta_reorder_offsets(m, k // 16).to(meta.device)
-    plain = meta.reshape(-1).long().bitwise_and(0xFFFF)[offsets.reshape(-1)].reshape(m, k // 16)
-    nibbles = torch.stack([(plain >> (4 * t)) & 0xF for t in range(4)], dim=-1).reshape(m, k // 4)
-    pairs = torch.stack([nibbles & 0x3, nibbles >> 2], dim=-1)  # (m, k/4, 2)
+    return _dense_from_codes(values, meta_codes_24(meta))
+
+
+def _dense_from_codes(values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Dense ``(M, K)`` from ``values (M, K/2)`` and the code ``idx0 | idx1 << 2`` of every group ``(M, K/4)``."""
+    m, k = values.shape[0], 2 * values.shape[1]
+    pairs = torch.stack([codes & 0x3, codes >> 2], dim=-1).to(values.device)  # (m, k/4, 2)
     dense = torch.zeros(m, k // 4, 4, dtype=values.dtype, device=values.device)
     dense.scatter_(2, pairs, values.reshape(m, k // 4, 2))
     return dense.reshape(m, k)
@@ -330,11 +331,7 @@ def decompress_24_sm90(values: torch.Tensor, meta_e: torch.Tensor) -> torch.Tens
     e_bytes = torch.stack((e16 & 0xFF, e16 >> 8), dim=-1).reshape(-1)
     nibbles = torch.stack((e_bytes & 0xF, e_bytes >> 4), dim=-1).reshape(-1)
     offsets = meta_sm90_offsets(m, k)[:m, : k // 4]
-    codes = nibbles[offsets // 4].to(values.device)  # (m, k/4)
-    pairs = torch.stack([codes & 0x3, codes >> 2], dim=-1)
-    dense = torch.zeros(m, k // 4, 4, dtype=values.dtype, device=values.device)
-    dense.scatter_(2, pairs, values.reshape(m, k // 4, 2))
-    return dense.reshape(m, k)
+    return _dense_from_codes(values, nibbles[offsets // 4])
 
 
 def _to_int16(x: torch.Tensor) -> torch.Tensor:

@@ -114,12 +114,28 @@ def _meta_sm90_index(m: int, k: int, device: torch.device) -> torch.Tensor:
     return words.reshape(-1).to(device)
 
 
-def _plain_from_sm80(meta: torch.Tensor) -> torch.Tensor:
-    """Flat plain words from reordered sm80 ``meta (M, K/16)``."""
-    m, meta_cols = meta.shape
-    plain = torch.empty(m * meta_cols, dtype=torch.int16, device=meta.device)
-    plain[_meta_gather_index(m, meta_cols, meta.device)] = meta.reshape(-1)
+# Both layouts are permutations of the same "plain" words: word (row, c) holds the four
+# codes of columns 16c..16c+15 of that row. These two helpers are the only places that
+# know where each layout puts a word.
+
+
+def _plain_words(meta: torch.Tensor, m: int, k: int, meta_format: str) -> torch.Tensor:
+    """Flat plain words ``(m * k/16,)`` int16 from ``meta`` in ``meta_format`` (a padded ``(m, k)`` weight)."""
+    if meta_format == "sm90":
+        return meta.reshape(-1)[_meta_sm90_index(m, k, meta.device)]
+    plain = torch.empty(m * (k // 16), dtype=torch.int16, device=meta.device)
+    plain[_meta_gather_index(m, k // 16, meta.device)] = meta.reshape(-1)
     return plain
+
+
+def _meta_from_plain(plain: torch.Tensor, m: int, k: int, meta_format: str) -> torch.Tensor:
+    """Inverse of :func:`_plain_words`: the metadata tensor in ``meta_format``."""
+    if meta_format == "sm90":
+        e_rows, e_cols = meta_shape(m, k, "sm90")
+        e = torch.full((e_rows * e_cols,), _SM90_FILL_WORD, dtype=torch.int16, device=plain.device)
+        e[_meta_sm90_index(m, k, plain.device)] = plain
+        return e.reshape(e_rows, e_cols)
+    return plain[_meta_gather_index(m, k // 16, plain.device)].reshape(m, k // 16)
 
 
 def _check_meta(meta, out_features: int, in_features: int, meta_format: str) -> tuple[int, int]:
@@ -151,17 +167,13 @@ def meta_sm80_to_sm90(meta: torch.Tensor, out_features: int, in_features: int) -
         One gather, no host synchronisation.
     """
     m, k = _check_meta(meta, out_features, in_features, "sm80")
-    e_rows, e_cols = meta_shape(m, k, "sm90")
-    e = torch.full((e_rows * e_cols,), _SM90_FILL_WORD, dtype=torch.int16, device=meta.device)
-    e[_meta_sm90_index(m, k, meta.device)] = _plain_from_sm80(meta)
-    return e.reshape(e_rows, e_cols)
+    return _meta_from_plain(_plain_words(meta, m, k, "sm80"), m, k, "sm90")
 
 
 def meta_sm90_to_sm80(meta: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """Inverse of :func:`meta_sm80_to_sm90`: sm90 E -> ``(M, K/16)`` int16, PyTorch's layout."""
     m, k = _check_meta(meta, out_features, in_features, "sm90")
-    plain = meta.reshape(-1)[_meta_sm90_index(m, k, meta.device)]
-    return plain[_meta_gather_index(m, k // 16, meta.device)].reshape(m, k // 16)
+    return _meta_from_plain(_plain_words(meta, m, k, "sm90"), m, k, "sm80")
 
 
 def _pairs(nonzero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,10 +219,7 @@ def compress_24(weight: torch.Tensor, *, meta_format: str = "sm80") -> tuple[tor
     codes = (idx0 | (idx1 << 2)).reshape(m, k // 16, 4)
     plain = codes[..., 0] | (codes[..., 1] << 4) | (codes[..., 2] << 8) | (codes[..., 3] << 12)
     plain16 = (((plain & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16)  # 16-bit pattern, two's complement
-    meta = plain16.reshape(-1)[_meta_gather_index(m, k // 16, weight.device)].reshape(m, k // 16)
-    if meta_format == "sm90":
-        meta = meta_sm80_to_sm90(meta, m, k)
-    return values.reshape(m, k // 2).contiguous(), meta
+    return values.reshape(m, k // 2).contiguous(), _meta_from_plain(plain16.reshape(-1), m, k, meta_format)
 
 
 def decompress_24(values: torch.Tensor, meta: torch.Tensor, *, meta_format: str = "sm80") -> torch.Tensor:
@@ -241,11 +250,7 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor, *, meta_format: str 
     if m % ROW_MULTIPLE or k % COL_MULTIPLE:
         raise ValueError(f"values of shape {tuple(values.shape)} do not come from an (M, K) weight with "
                          f"M % {ROW_MULTIPLE} == 0 and K % {COL_MULTIPLE} == 0")
-    if meta_format == "sm90":
-        meta = meta_sm90_to_sm80(meta, m, k)
-    gather = _meta_gather_index(m, k // 16, meta.device)
-    plain = torch.empty(m * (k // 16), dtype=torch.int32, device=meta.device)
-    plain[gather] = meta.reshape(-1).to(torch.int32) & 0xFFFF
+    plain = _plain_words(meta, m, k, meta_format).to(torch.int32) & 0xFFFF
     nib = torch.stack([(plain >> (4 * t)) & 0xF for t in range(4)], dim=-1).reshape(m, k // 4)
     pos = torch.stack((nib & 0x3, nib >> 2), dim=-1).long()
     dense = torch.zeros(m, k // 4, 4, dtype=values.dtype, device=values.device)
