@@ -71,7 +71,8 @@ def peak_hbm_gbps(device: torch.device) -> float | None:
     bus_bits = getattr(props, "memory_bus_width", None)
     if not clock_khz or not bus_bits:
         return None
-    return gbps(2 * clock_khz * 1e3 * bus_bits / 8 * 1e-3, 1.0)  # bytes per ms -> GB/s
+    bytes_per_s = 2 * clock_khz * 1e3 * bus_bits / 8
+    return gbps(bytes_per_s, 1000.0)
 
 
 def copy_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:

@@ -93,7 +93,13 @@ def kernels_here(device: torch.device) -> dict[str, bool]:
 def run_case(model, layer, shape, tokens, dtype, device, kernels, bandwidth):
     import wanda_kernels as wk
     from wanda_kernels.sparse24 import meta_sm80_to_sm90
-    from wanda_kernels.sparse_linear import _TOKEN_MULTIPLE, _round_up, launch_sparse24_gemm, launch_sparse24_sm90
+    from wanda_kernels.sparse_linear import (
+        _TOKEN_MULTIPLE,
+        _padded_input,
+        _round_up,
+        launch_sparse24_gemm,
+        launch_sparse24_sm90,
+    )
 
     out_f, in_f = shape
     g = torch.Generator(device=device).manual_seed(0)
@@ -117,8 +123,7 @@ def run_case(model, layer, shape, tokens, dtype, device, kernels, bandwidth):
     if kernels["sm80"] or kernels["sm90"]:
         values, meta80 = wk.compress_24(weight)
     if kernels["sm80"]:  # the kernel alone, into preallocated buffers (no padding, no output pass)
-        xb = x.new_zeros(_round_up(tokens, _TOKEN_MULTIPLE), in_f)
-        xb[:tokens] = x
+        xb = _padded_input(x, _round_up(tokens, _TOKEN_MULTIPLE), in_f)
         d = torch.empty(out_f, xb.shape[0], dtype=dtype, device=device)
         timings["sm80"] = bench_ms(lambda: launch_sparse24_gemm(values, meta80, xb, d), device)
     if kernels["sm90"]:

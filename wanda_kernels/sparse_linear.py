@@ -31,6 +31,7 @@ from .sparse24 import (
     COL_MULTIPLE,
     DTYPES_24,
     ROW_MULTIPLE,
+    _round_up,
     check_24_sparse,
     compress_24,
     decompress_24,
@@ -44,10 +45,6 @@ _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 _TOKEN_MULTIPLE = 8  # the sm80 kernel loads x and stores y 8 elements at a time
 _DECODE_MAX_TOKENS = 128  # up to this many (padded) tokens use the small-tile configuration
 SM90_CONFIGS = {"decode": 0, "large": 1, "streamk": 2}
-
-
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
 
 
 def select_kernel(device: torch.device, dtype: torch.dtype) -> tuple[str | None, str | None]:
