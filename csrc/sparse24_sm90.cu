@@ -35,6 +35,14 @@ namespace {
 
 using namespace cute;
 
+// The device the caller made current (the tensors' device) and its multiprocessors.
+cutlass::KernelHardwareInfo current_device_info(int sm_count) {
+  cutlass::KernelHardwareInfo info;
+  cudaGetDevice(&info.device_id);
+  info.sm_count = sm_count;
+  return info;
+}
+
 template <int Dtype>
 struct ElementOf;
 template <>
@@ -121,9 +129,6 @@ struct Sm90Gemm {
     // B = x^T: N x K with K contiguous, row stride ldx. D = y^T: M x N, column stride ldy.
     typename Kernel::StrideB stride_b = make_stride(int64_t(p.ldx), Int<1>{}, int64_t(0));
     typename Kernel::StrideD stride_d = make_stride(Int<1>{}, int64_t(p.ldy), int64_t(0));
-    cutlass::KernelHardwareInfo hw_info;
-    cudaGetDevice(&hw_info.device_id);  // the caller made the tensors' device current
-    hw_info.sm_count = p.sm_count;
 
     typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
@@ -131,7 +136,7 @@ struct Sm90Gemm {
         {reinterpret_cast<Element const*>(p.values), layout_a, reinterpret_cast<Element const*>(p.x), stride_b,
          reinterpret_cast<ElementE const*>(p.meta), layout_e},
         {{}, nullptr, stride_d, reinterpret_cast<Element*>(p.y), stride_d},
-        hw_info};
+        current_device_info(p.sm_count)};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.thread.bias_ptr = reinterpret_cast<Element const*>(p.bias);  // null: no bias
@@ -175,15 +180,12 @@ using Compressor = cutlass::transform::device::TransformUniversalAdapter<
 Compressor::Arguments compressor_arguments(int m, int k, std::uintptr_t dense, std::uintptr_t values,
                                            std::uintptr_t meta, int sm_count) {
   using StrideA = cutlass::gemm::TagToStrideA_t<cutlass::layout::RowMajor>;
-  cutlass::KernelHardwareInfo hw_info;
-  cudaGetDevice(&hw_info.device_id);
-  hw_info.sm_count = sm_count;
   auto problem = make_shape(m, 1, k, 1);
   return Compressor::Arguments{
       problem,
       {reinterpret_cast<void const*>(dense), cutlass::make_cute_packed_stride(StrideA{}, make_shape(m, k, 1)),
        reinterpret_cast<void*>(values), reinterpret_cast<void*>(meta)},
-      hw_info};
+      current_device_info(sm_count)};
 }
 }  // namespace
 
