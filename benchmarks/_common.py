@@ -58,6 +58,49 @@ def bench_ms(fn, device: torch.device, *, cpu_reps: int = 5, cpu_max_s: float = 
     return statistics.median(times)
 
 
+def graph_ms(fns, device: torch.device, *, min_calls: int = 64, repeats: int = 10) -> float:
+    """Median GPU time per call of ``fns`` (called round-robin), replayed from one CUDA graph.
+
+    For short kernels, where a Python loop would time the host: ``fns`` are closures
+    over different copies of the operands (together larger than L2, so each call reads
+    its weight from HBM as a decoding model does), captured ``ceil(min_calls / len(fns))``
+    times over in one graph whose replays are timed with CUDA events.
+    """
+    rounds = -(-min_calls // len(fns))
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):  # warm-up outside the capture: JIT, workspaces, handles
+        for fn in fns:
+            fn()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for fn in fns:
+                fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (rounds * len(fns)))
+    del graph
+    return statistics.median(times)
+
+
+def rotation_copies(nbytes: int, device: torch.device, cap: int = 64) -> int:
+    """How many copies of an operand of ``nbytes`` together exceed 4x the GPU's L2 (at least 1)."""
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) or (50 << 20)
+    return max(1, min(cap, -(-4 * l2 // max(nbytes, 1))))
+
+
 def peak_hbm_gbps(device: torch.device) -> float | None:
     """The GPU's spec-sheet memory bandwidth in GB/s (double data rate x bus width), or None.
 

@@ -49,19 +49,54 @@ class DecoderLayer(nn.Module):
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
-def decode_tokens_per_s(layers, batch, context, steps, hidden, heads, device, dtype, repeats=3):
-    head_dim = hidden // heads
-    caches = [(torch.randn(batch, heads, context + steps, head_dim, device=device, dtype=dtype),
-               torch.randn(batch, heads, context + steps, head_dim, device=device, dtype=dtype)) for _ in layers]
+def decode_tokens_per_s(layers, batch, context, steps, hidden, heads, device, dtype, repeats=3, graph=False):
+    """Greedy-decode throughput: ``batch * steps`` tokens over the median time of ``steps`` steps.
 
-    def run(n):
-        x = torch.randn(batch, 1, hidden, device=device, dtype=dtype)
-        for i in range(n):
-            for layer, (ck, cv) in zip(layers, caches):
-                x = layer(x, ck, cv, context + i)
+    Eager: one Python call per layer per step (host launch cost included, as a plain loop
+    sees it). ``graph=True`` (CUDA): one decode step at position ``context`` (all layers)
+    captured in a CUDA graph and replayed ``steps`` times, timed with CUDA events: the
+    GPU time a graph-capturing server (or ``torch.compile(mode="reduce-overhead")``) pays.
+    """
+    head_dim = hidden // heads
+    gen = torch.Generator(device=device).manual_seed(batch)  # the same cache and input for dense and sparse
+    caches = [tuple(torch.randn(batch, heads, context + steps, head_dim, generator=gen, device=device, dtype=dtype)
+                    for _ in range(2)) for _ in layers]
+    x0 = torch.randn(batch, 1, hidden, generator=gen, device=device, dtype=dtype)
+
+    def step(x, pos):
+        for layer, (ck, cv) in zip(layers, caches):
+            x = layer(x, ck, cv, pos)
         return x
 
     with torch.no_grad():
+        if graph:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                step(x0, context)  # warm-up outside the capture (kernel selection, workspaces)
+            torch.cuda.current_stream(device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = step(x0, context)
+            g.replay()
+            torch.cuda.synchronize(device)
+            times = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(steps):
+                    g.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            return batch * steps / statistics.median(times), out.clone()
+
+        def run(n):
+            x = x0
+            for i in range(n):
+                x = step(x, context + i)
+            return x
+
         run(2)  # warm-up
         times = []
         for _ in range(repeats):
@@ -72,7 +107,7 @@ def decode_tokens_per_s(layers, batch, context, steps, hidden, heads, device, dt
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-    return batch * steps / statistics.median(times)
+        return batch * steps / statistics.median(times), step(x0, context)
 
 
 def main(argv=None) -> int:
@@ -104,29 +139,46 @@ def main(argv=None) -> int:
 
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     torch.manual_seed(0)
-    layers = nn.ModuleList(DecoderLayer(args.hidden, args.intermediate, args.heads)
-                           for _ in range(args.layers)).to(device=device, dtype=dtype)
+    with torch.device(device):  # built on the GPU: no 26 GB of fp32 weights on the host
+        layers = nn.ModuleList(DecoderLayer(args.hidden, args.intermediate, args.heads)
+                               for _ in range(args.layers))
+    layers = layers.to(dtype)
     for lin in (m for m in layers.modules() if isinstance(m, nn.Linear)):
         wk.prune_(lin, torch.rand(lin.in_features, device=device) + 0.1, pattern="2:4")
     log.info("%d layers, hidden %d, MLP %d, %s, pruned 2:4", args.layers, args.hidden, args.intermediate, dtype)
 
     dims = (args.context, args.steps, args.hidden, args.heads, device, dtype)
-    rows = [dict(batch=b, dense_tok_s=decode_tokens_per_s(layers, b, *dims)) for b in args.batches]
+    modes = ["eager", "graph"] if device.type == "cuda" else ["eager"]
+    rows, dense_out = [], {}
+    for b in args.batches:
+        for mode in modes:
+            tok_s, dense_out[b, mode] = decode_tokens_per_s(layers, b, *dims, graph=mode == "graph")
+            rows.append(dict(batch=b, mode=mode, dense_tok_s=tok_s))
     replaced = wk.sparsify_(layers)
     backend = layers[0].q_proj.backend()
     log.info("sparsify_ replaced %d linear layers (backend: %s)", len(replaced), backend)
     for row in rows:
-        row["sparse_tok_s"] = decode_tokens_per_s(layers, row["batch"], *dims)
+        row["sparse_tok_s"], sparse_out = decode_tokens_per_s(layers, row["batch"], *dims,
+                                                              graph=row["mode"] == "graph")
+        ref = dense_out[row["batch"], row["mode"]].float()
+        # Same weights, same inputs: the two outputs differ by summation order only.
+        row["rel_diff_vs_dense"] = float((sparse_out.float() - ref).norm() / ref.norm())
+        row["outputs_match"] = row["rel_diff_vs_dense"] < 5e-2  # False for NaN too
         row["speedup"] = row["sparse_tok_s"] / row["dense_tok_s"]
         row.update(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, context=args.context,
                    steps=args.steps, dtype=args.dtype, sparse_backend=backend)
-    print(format_table(rows, [("batch", "batch", "d"), ("dense_tok_s", "dense tok/s", ".1f"),
-                              ("sparse_tok_s", "2:4 tok/s", ".1f"), ("speedup", "speedup", ".2f")]))
+    print(format_table(rows, [("batch", "batch", "d"), ("mode", "mode", ""), ("dense_tok_s", "dense tok/s", ".1f"),
+                              ("sparse_tok_s", "2:4 tok/s", ".1f"), ("speedup", "speedup", ".2f"),
+                              ("rel_diff_vs_dense", "rel diff", ".2e")]))
     env = environment(device)
     if device.type == "cpu":
         env["note"] = "CPU smoke run of the script: not a GPU measurement"
     print(f"\nwrote {write_results('e2e_decode', env, rows, args.out_dir)}")
-    return 0
+    bad = [r for r in rows if not r["outputs_match"]]
+    for r in bad:
+        log.error("sparse decode output differs from dense: relative difference %.3g at batch %d (%s)",
+                  r["rel_diff_vs_dense"], r["batch"], r["mode"])
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -41,43 +41,50 @@ from _common import (
     environment,
     format_table,
     gbps,
+    graph_ms,
     peak_hbm_gbps,
+    rotation_copies,
     tflops,
     write_results,
 )
+from wanda_kernels.sparse_linear import SM90_CONFIGS
 
 log = logging.getLogger("gemm_2to4")
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 TOKENS = [1, 16, 128, 2048, 8192]
-SM90_CONFIGS = ("decode", "large", "streamk")
 
 
-def torch_semi_structured(weight: torch.Tensor):
-    """PyTorch's 2:4 weight for F.linear, and the backend name; or (None, reason)."""
+def torch_semi_structured(weight: torch.Tensor, only: str | None = None) -> list[tuple[str, object]]:
+    """PyTorch's 2:4 weight for F.linear with **every** backend that accepts it here.
+
+    Returns ``[(backend, sparse weight or the reason it was refused)]`` for "cutlass"
+    (PyTorch's own CUTLASS kernels; compute capability 8.x in current releases) and
+    "cusparselt" (where this torch build has it).
+    """
     try:
         from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
     except ImportError as exc:
-        return None, f"unavailable ({exc})"
-    major, _ = torch.cuda.get_device_capability(weight.device)
+        return [("none", f"unavailable ({exc})")]
     cusparselt = getattr(torch.backends, "cusparselt", None)
-    has_lt = bool(cusparselt and cusparselt.is_available())
-    attempts = [(True, "cutlass")] if major == 8 else []
-    if has_lt:
-        attempts.append((False, "cusparselt"))
-    reasons = []
-    for force_cutlass, name in attempts:
+    out = []
+    for force_cutlass, name in ((True, "cutlass"), (False, "cusparselt")):
+        if only and name != only:
+            continue
+        if name == "cusparselt" and not (cusparselt and cusparselt.is_available()):
+            out.append((name, "cuSPARSELt is not available in this torch build"))
+            continue
+        previous = SparseSemiStructuredTensor._FORCE_CUTLASS
         SparseSemiStructuredTensor._FORCE_CUTLASS = force_cutlass
         try:
             sparse = to_sparse_semi_structured(weight)
             F.linear(torch.zeros(8, weight.shape[1], dtype=weight.dtype, device=weight.device), sparse)
-            return sparse, name
+            out.append((name, sparse))
         except Exception as exc:  # noqa: BLE001 - report any refusal as the reason
-            reasons.append(f"{name}: {str(exc).splitlines()[0][:120]}")
-    if not attempts:
-        reasons.append(f"its CUTLASS backend takes compute capability 8.x only (this GPU is {major}.x) and "
-                       "cuSPARSELt is not available in this torch build")
-    return None, "; ".join(reasons)
+            out.append((name, str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__))
+        finally:
+            SparseSemiStructuredTensor._FORCE_CUTLASS = previous
+    return out
 
 
 def kernels_here(device: torch.device) -> dict[str, bool]:
@@ -90,7 +97,30 @@ def kernels_here(device: torch.device) -> dict[str, bool]:
     return {"sm80": cc[0] in (8, 9) and runs_on(*cc), "sm90": cc == (9, 0) and sm90_built()}
 
 
+GRAPH_MAX_TOKENS = 128  # up to here kernels last microseconds: time CUDA-graph replays, not Python calls
+
+
+def _timer(device, tokens, notes: dict):
+    """``(method, time(key, fns))``: graph replays rotating over ``fns`` at decode sizes, else do_bench.
+
+    Where a method cannot be captured in a CUDA graph, it is timed with do_bench instead
+    and ``notes[key]`` says so (with the capture's error).
+    """
+    if device.type == "cuda" and tokens <= GRAPH_MAX_TOKENS:
+        def time_fns(key, fns):
+            try:
+                return graph_ms(fns, device)
+            except Exception as exc:  # noqa: BLE001 - fall back, and say so in the results
+                torch.cuda.synchronize(device)
+                notes[key] = f"do_bench (no graph capture: {str(exc).splitlines()[0][:120]})"
+                return bench_ms(fns[0], device)
+        return "cuda-graph replay, weights rotated past L2", time_fns
+    return "triton do_bench median", lambda key, fns: bench_ms(fns[0], device)
+
+
 def run_case(model, layer, shape, tokens, dtype, device, kernels, bandwidth):
+    import copy
+
     import wanda_kernels as wk
     from wanda_kernels.sparse24 import meta_sm80_to_sm90
     from wanda_kernels.sparse_linear import (
@@ -114,31 +144,74 @@ def run_case(model, layer, shape, tokens, dtype, device, kernels, bandwidth):
              "sparse": elt * out_f * in_f // 2 + out_f * in_f // 8 + io_bytes}
     row = dict(model=model, layer=layer, out_features=out_f, in_features=in_f, tokens=tokens,
                dtype=str(dtype).replace("torch.", ""))
-    timings = {}
+    notes = {}
+    method, time_fns = _timer(device, tokens, notes)
+    n_copies = rotation_copies(moved["sparse"], device) if "graph" in method else 1
+    row.update(timing=method, weight_copies=n_copies)
+    ref = F.linear(x.float(), weight.float())
+    dense_err = float((F.linear(x, weight).float() - ref).abs().max())
+    timings, errors = {}, {}
 
-    timings["dense"] = bench_ms(lambda: F.linear(x, weight), device)
+    def check(key, y):
+        """Every timed output is compared with fp32 F.linear before its time is reported."""
+        err = float((y.float() - ref).abs().max())
+        errors[key] = err
+        if not err <= 2 * dense_err + 1e-3:  # NaN fails too
+            raise RuntimeError(f"{key}: max error {err:.3g} vs dense {dense_err:.3g} ({model} {layer} {tokens} tok)")
+
+    weights = [weight] + [weight.clone() for _ in range(n_copies - 1)]
+    check("dense", F.linear(x, weight))
+    timings["dense"] = time_fns("dense", [lambda w=w: F.linear(x, w) for w in weights])
     sl = wk.SparseLinear.from_linear(lin)
     row["ours_backend"] = sl.backend()
-    timings["ours"] = bench_ms(lambda: sl(x), device)
+    check("ours", sl(x))
+    sls = [sl] + [copy.deepcopy(sl) for _ in range(n_copies - 1)]
+    timings["ours"] = time_fns("ours", [lambda m=m: m(x) for m in sls])
+    if device.type == "cuda":
+        timings["ours_eager"] = bench_ms(lambda: sl(x), device)  # Python and host work included
+    del sls
     if kernels["sm80"] or kernels["sm90"]:
         values, meta80 = wk.compress_24(weight)
+        vals = [values] + [values.clone() for _ in range(n_copies - 1)]
     if kernels["sm80"]:  # the kernel alone, into preallocated buffers (no padding, no output pass)
         xb = _padded_input(x, _round_up(tokens, _TOKEN_MULTIPLE), in_f)
         d = torch.empty(out_f, xb.shape[0], dtype=dtype, device=device)
-        timings["sm80"] = bench_ms(lambda: launch_sparse24_gemm(values, meta80, xb, d), device)
+        launch_sparse24_gemm(values, meta80, xb, d)
+        check("sm80", d[:, :tokens].t())
+        timings["sm80"] = time_fns("sm80", [lambda v=v: launch_sparse24_gemm(v, meta80, xb, d) for v in vals])
     if kernels["sm90"]:
         meta90 = meta_sm80_to_sm90(meta80, out_f, in_f)
         y = torch.empty(tokens, out_f, dtype=dtype, device=device)
         for cfg in SM90_CONFIGS:
-            timings[f"sm90_{cfg}"] = bench_ms(lambda cfg=cfg: launch_sparse24_sm90(values, meta90, x, y, None, cfg),
-                                             device)
+            y.fill_(float("nan"))
+            launch_sparse24_sm90(values, meta90, x, y, None, cfg)
+            check(f"sm90_{cfg}", y)
+            timings[f"sm90_{cfg}"] = time_fns(
+                f"sm90_{cfg}", [lambda v=v, cfg=cfg: launch_sparse24_sm90(v, meta90, x, y, None, cfg) for v in vals])
         row["sm90_best"] = min(SM90_CONFIGS, key=lambda c: timings[f"sm90_{c}"])
         timings["sm90"] = timings[f"sm90_{row['sm90_best']}"]
-    sparse_w, row["torch_backend"] = torch_semi_structured(weight) if device.type == "cuda" else (None, "no CUDA")
-    if sparse_w is not None:
-        timings["torch"] = bench_ms(lambda: F.linear(x, sparse_w), device)
+    for backend, sparse_w in torch_semi_structured(weight) if device.type == "cuda" else []:
+        key = f"torch_{backend}"
+        if isinstance(sparse_w, str):
+            row[f"{key}_error"] = sparse_w
+            continue
+        try:
+            check(key, F.linear(x, sparse_w))
+            copies = [sparse_w] + [torch_semi_structured(weight.clone(), only=backend)[0][1]
+                                   for _ in range(n_copies - 1)]
+            timings[key] = time_fns(key, [lambda s=s: F.linear(x, s) for s in copies])
+        except Exception as exc:  # noqa: BLE001 - a backend that cannot run this shape is reported, not fatal
+            row[f"{key}_error"] = str(exc).splitlines()[0][:200]
+    torch_keys = [k for k in timings if k.startswith("torch_")]
+    if torch_keys:
+        row["torch_best"] = min(torch_keys, key=timings.get)
+        timings["torch"] = timings[row["torch_best"]]
+    row["max_abs_err"] = errors
+    if notes:
+        row["timing_notes"] = notes
 
-    for key in ("dense", "ours", "sm80", "sm90_decode", "sm90_large", "sm90_streamk", "sm90", "torch"):
+    for key in ("dense", "ours", "ours_eager", "sm80", *(f"sm90_{c}" for c in SM90_CONFIGS), "sm90", "torch",
+                *torch_keys):
         ms = timings.get(key)
         row[f"{key}_ms"] = ms
         row[f"{key}_tflops"] = tflops(flops, ms) if ms else None
@@ -216,17 +289,34 @@ def main(argv=None) -> int:
     log.info("Device: %s | torch %s | triton %s | kernels alone: %s | peak %s GB/s, copy %.0f GB/s",
              env["device_name"], env["torch"], env["triton"], env["kernels_timed"] or "none",
              f"{bandwidth['peak_hbm_gbps']:.0f}" if bandwidth["peak_hbm_gbps"] else "?", bandwidth["copy_gbps"])
-    rows = []
+    if device.type == "cpu":
+        env["note"] = "CPU smoke run of the script: not a GPU measurement"
+    # A partial sweep (some models or dtypes) gets its own file: runs split across calls do not overwrite.
+    subset = [*(args.models if set(args.models) != set(LLAMA_SHAPES) else []),
+              *(args.dtypes if set(args.dtypes) != set(DTYPES) else [])]
+    result_name = "_".join(["gemm_2to4", *subset])
+    rows, failed = [], []
     for model, layers in shapes.items():
         for layer, shape in layers.items():
             for dtype_name in args.dtypes:
                 for tokens in args.tokens:
-                    rows.append(run_case(model, layer, shape, tokens, DTYPES[dtype_name], device, kernels,
-                                         bandwidth))
-                    r = rows[-1]
-                    log.info("%s %-8s %5d tok %s: dense %.4f ms, ours %.4f ms (%.2fx), torch %s", model, layer,
-                             tokens, dtype_name, r["dense_ms"], r["ours_ms"], r["speedup_ours"],
-                             f"{r['torch_ms']:.4f} ms" if r["torch_ms"] else f"- ({r['torch_backend']})")
+                    try:
+                        r = run_case(model, layer, shape, tokens, DTYPES[dtype_name], device, kernels, bandwidth)
+                    except RuntimeError as exc:  # a wrong output: record it, time the other cases
+                        log.error("%s %s %d tok %s: %s", model, layer, tokens, dtype_name, exc)
+                        failed.append(dict(model=model, layer=layer, tokens=tokens, dtype=dtype_name, error=str(exc)))
+                        continue
+                    rows.append(r)
+                    log.info("%s %-8s %5d tok %s: dense %.4f ms, ours %.4f ms (%.2fx), sm90 best %s, torch %s",
+                             model, layer, tokens, dtype_name, r["dense_ms"], r["ours_ms"], r["speedup_ours"],
+                             r.get("sm90_best"), f"{r['torch_ms']:.4f} ms ({r['torch_best']})" if r.get("torch_ms")
+                             else "-")
+                    # Written after every case: a run stopped by a time limit keeps what it measured.
+                    write_results(result_name, {**env, "failed": failed}, rows, args.out_dir)
+    env["failed"] = failed
+    if not rows:
+        log.error("no case ran")
+        return 1
 
     print(format_table(rows, [
         ("model", "model", ""), ("layer", "layer", ""), ("out_features", "out", "d"), ("in_features", "in", "d"),
@@ -235,23 +325,23 @@ def main(argv=None) -> int:
         ("ours_tflops", "TF/s", ".1f"), ("ours_pct_peak", "% peak", ".0f"), ("speedup_ours", "x dense", ".2f"),
         ("sm80_ms", "sm80 ms", ".4f"), ("speedup_sm80", "x dense", ".2f"),
         ("sm90_decode_ms", "sm90 dec ms", ".4f"), ("sm90_large_ms", "sm90 large ms", ".4f"),
-        ("sm90_streamk_ms", "sm90 sk ms", ".4f"), ("speedup_sm90", "best x dense", ".2f"),
-        ("torch_ms", "torch ms", ".4f"), ("speedup_torch", "x dense", ".2f"),
+        ("sm90_streamk_ms", "sm90 sk ms", ".4f"), ("sm90_wide_ms", "sm90 wide ms", ".4f"),
+        ("speedup_sm90", "best x dense", ".2f"),
+        ("torch_ms", "torch ms", ".4f"), ("speedup_torch", "x dense", ".2f"), ("ours_eager_ms", "eager ms", ".4f"),
     ]))
-    backends = sorted({r["torch_backend"] for r in rows})
-    print(f"\nPyTorch 2:4 backend: {'; '.join(backends)}")
+    refused = sorted({f"{k[:-6]}: {v}" for r in rows for k, v in r.items() if k.endswith("_error")})
+    print(f"\nPyTorch 2:4 backends timed: {sorted({r.get('torch_best') for r in rows} - {None})}; refused: "
+          f"{refused or 'none'}")
     print(f"SparseLinear backend: {'; '.join(sorted({r['ours_backend'] for r in rows}))}")
-    if device.type == "cpu":
-        env["note"] = "CPU smoke run of the script: not a GPU measurement"
-    json_path = write_results("gemm_2to4", env, rows, args.out_dir)
+    json_path = write_results(result_name, env, rows, args.out_dir)
     csv_path = json_path.with_suffix(".csv")
     with open(csv_path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     png = plot(rows, json_path.with_suffix(".png"))
     print(f"\nwrote {json_path}, {csv_path}" + (f", {png}" if png else ""))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -93,12 +93,74 @@ def run_case(model, layer, shape, pattern, dtype, device, skip_loop_above):
     return row
 
 
+CALIB_TOKENS = 8192  # activation rows per act-norm call: 4 x 2048-token calibration samples
+
+
+def run_norms_case(model, layer, shape, dtype, device, tokens=CALIB_TOKENS):
+    """Act-norm accumulation over ``(tokens, in)`` activations vs torch's ``x.float().pow(2).sum(0)``."""
+    cols = shape[1]
+    x = torch.randn(tokens, cols, device=device).to(dtype)
+    sq = torch.zeros(cols, device=device)
+    moved = x.numel() * x.element_size() + 2 * 4 * cols
+    row = dict(model=model, layer=layer, out_features=shape[0], in_features=cols, pattern="act-norms",
+               dtype=str(dtype).replace("torch.", ""), bytes_moved=moved, tokens=tokens)
+    ref = x.double().pow(2).sum(0)
+    wk.accumulate_sq_norms_(sq, x)
+    if not torch.allclose(sq.double(), ref, rtol=1e-4):  # fp32 sums of tokens terms
+        raise RuntimeError(f"act-norms {shape}: wrong result")
+    row["ours_ms"] = bench_ms(lambda: wk.accumulate_sq_norms_(sq, x), device)
+    row["ours_impl"] = "triton" if device.type == "cuda" else "torch (CPU path)"
+    row["baseline"] = "x.float().pow(2).sum(0)"
+    row["baseline_ms"] = bench_ms(lambda: sq.add_(x.float().pow(2).sum(0)), device)
+    return _finish(row, x, device)
+
+
+def run_compress_case(model, layer, shape, dtype, device):
+    """Fused Wanda 2:4 prune + compress (reads W once; writes values and metadata) vs prune_ then compress_24."""
+    rows_, cols = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(rows_, cols, generator=g, device=device).to(dtype)
+    norms = torch.rand(cols, generator=g, device=device) + 0.1
+    moved = w.numel() * w.element_size() * 3 // 2 + w.numel() // 8 + 4 * cols  # read W, write W/2 + meta
+    row = dict(model=model, layer=layer, out_features=rows_, in_features=cols, pattern="prune+compress 2:4",
+               dtype=str(dtype).replace("torch.", ""), bytes_moved=moved)
+    v, m = wk.prune_compress_24(w, norms)
+    tv, tm = wk.prune_compress_24(w, norms, backend="torch")
+    if not (torch.equal(v.view(torch.int16), tv.view(torch.int16)) and torch.equal(m, tm)):
+        raise RuntimeError(f"prune+compress {shape}: differs from the torch path")
+    row["ours_ms"] = bench_ms(lambda: wk.prune_compress_24(w, norms), device)
+    row["ours_impl"] = "triton" if device.type == "cuda" else "torch (CPU path)"
+
+    def two_steps():
+        w2 = w.clone()
+        wk.prune_(w2, norms, pattern="2:4")
+        return wk.compress_24(w2)
+
+    row["baseline"] = "clone + prune_ + compress_24"
+    row["baseline_ms"] = bench_ms(two_steps, device)
+    return _finish(row, w, device)
+
+
+def _finish(row, big, device):
+    row["ours_gbps"] = gbps(row["bytes_moved"], row["ours_ms"])
+    row["speedup"] = row["baseline_ms"] / row["ours_ms"]
+    if device.type == "cuda":
+        dst = torch.empty_like(big)
+        row["copy_ms"] = bench_ms(lambda: dst.copy_(big), device)
+        row["copy_gbps"] = gbps(2 * big.numel() * big.element_size(), row["copy_ms"])
+        row["pct_of_copy"] = 100.0 * row["ours_gbps"] / row["copy_gbps"]
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(LLAMA_SHAPES), choices=list(LLAMA_SHAPES),
                    help="LLaMA sizes whose linear shapes are timed (default: all)")
     p.add_argument("--patterns", nargs="+", default=["unstructured", "2:4", "4:8"],
                    help="sparsity patterns (default: unstructured 50%%, 2:4, 4:8)")
+    p.add_argument("--ops", nargs="+", default=["mask", "norms", "compress"], choices=["mask", "norms", "compress"],
+                   help="mask: Wanda mask per pattern; norms: act-norm accumulation; "
+                   "compress: fused 2:4 prune+compress")
     p.add_argument("--dtype", default="fp16", choices=list(DTYPES), help="weight dtype (default fp16)")
     p.add_argument("--cpu-rows", type=int, default=CPU_ROWS,
                    help=f"on CPU, rows of each layer to time (default {CPU_ROWS})")
@@ -121,9 +183,18 @@ def main(argv=None) -> int:
         for layer, shape in LLAMA_SHAPES[model].items():
             if device.type == "cpu":
                 shape = (min(shape[0], args.cpu_rows), shape[1])
-            for pattern in args.patterns:
-                rows.append(run_case(model, layer, shape, pattern, DTYPES[args.dtype], device, args.skip_loop_above))
+            dtype = DTYPES[args.dtype]
+            cases = [(run_case, (model, layer, shape, pattern, dtype, device, args.skip_loop_above))
+                     for pattern in (args.patterns if "mask" in args.ops else [])]
+            if "norms" in args.ops:
+                cases.append((run_norms_case, (model, layer, shape, dtype, device,
+                                               CALIB_TOKENS if device.type == "cuda" else 256)))
+            if "compress" in args.ops and dtype != torch.float32 and shape[0] % 32 == 0:
+                cases.append((run_compress_case, (model, layer, shape, dtype, device)))
+            for fn, case_args in cases:
+                rows.append(fn(*case_args))
                 r = rows[-1]
+                pattern = r["pattern"]
                 log.info("%s %-8s %-12s %-12s ours %8.3f ms (%6.1f GB/s)  baseline %s ms", model, layer,
                          f"{shape[0]}x{shape[1]}", pattern, r["ours_ms"], r["ours_gbps"],
                          "-" if r["baseline_ms"] is None else f"{r['baseline_ms']:.3f}")

@@ -45,7 +45,7 @@ Sparse24Problem make_problem(Config config, int m, int n, int k, std::uintptr_t 
 }
 
 Sm90Config to_sm90_config(int config) {
-  WK_CHECK(config >= 0 && config < kSm90NumConfigs, "sm90 config must be 0 (decode), 1 (large) or 2 (stream-K); got ",
+  WK_CHECK(config >= 0 && config < kSm90NumConfigs, "sm90 config must be 0 (decode), 1 (large), 2 (stream-K) or 3 (wide); got ",
            config);
   return static_cast<Sm90Config>(config);
 }

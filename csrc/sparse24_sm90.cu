@@ -81,6 +81,15 @@ struct Sm90Tile<2> {  // decode, stream-K: splits K across CTAs when output tile
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
   using TileScheduler = cutlass::gemm::StreamKScheduler;
 };
+template <>
+struct Sm90Tile<3> {  // many tokens, wide: 128 x 256 output tiles halve the W re-reads of config 1;
+                      // the 2x1 cluster multicasts each x tile to the two CTAs of neighbouring W rows
+  using TileShape = Shape<_128, _256, _128>;
+  using ClusterShape = Shape<_2, _1, _1>;
+  using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  using TileScheduler = void;
+};
 
 template <int Dtype, int Config>
 struct Sm90Gemm {

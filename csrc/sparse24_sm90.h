@@ -21,10 +21,11 @@ namespace wanda_kernels {
 // Tile configurations (both with tile K >= 128, so that one metadata layout serves all):
 //   kSm90Decode : 64 x 32 x 256, one consumer warp group, no cluster; few tokens
 //   kSm90Large  : 128 x 128 x 128, cooperative (two consumer warp groups), cluster 1x2x1
+//   kSm90Wide   : 128 x 256 x 128, cooperative, cluster 2x1x1; many tokens
 //   kSm90StreamK: 128 x 32 x 256, cooperative, stream-K decomposition; few tokens on
 //                 weights with too few output tiles to fill the GPU
-enum class Sm90Config : int { kDecode = 0, kLarge = 1, kStreamK = 2 };
-constexpr int kSm90NumConfigs = 3;
+enum class Sm90Config : int { kDecode = 0, kLarge = 1, kStreamK = 2, kWide = 3 };
+constexpr int kSm90NumConfigs = 4;
 
 struct Sparse24Sm90Problem {
   int m, n, k;              // out_features (M % 8 == 0), tokens, in_features (K % 64 == 0)

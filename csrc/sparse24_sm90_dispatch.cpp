@@ -14,6 +14,7 @@ void sm90_config_shape(Sm90Config config, int* tile_m, int* tile_n, int* tile_k)
     case Sm90Config::kDecode: *tile_m = 64, *tile_n = 32, *tile_k = 256; return;
     case Sm90Config::kLarge: *tile_m = 128, *tile_n = 128, *tile_k = 128; return;
     case Sm90Config::kStreamK: *tile_m = 128, *tile_n = 32, *tile_k = 256; return;
+    case Sm90Config::kWide: *tile_m = 128, *tile_n = 256, *tile_k = 128; return;
   }
   *tile_m = *tile_n = *tile_k = 0;
 }
@@ -24,9 +25,11 @@ void sm90_config_shape(Sm90Config config, int* tile_m, int* tile_n, int* tile_k)
     case 0: return sm90_d0_c0_##fn(__VA_ARGS__);                                  \
     case 1: return sm90_d0_c1_##fn(__VA_ARGS__);                                  \
     case 2: return sm90_d0_c2_##fn(__VA_ARGS__);                                  \
-    case 3: return sm90_d1_c0_##fn(__VA_ARGS__);                                  \
-    case 4: return sm90_d1_c1_##fn(__VA_ARGS__);                                  \
-    case 5: return sm90_d1_c2_##fn(__VA_ARGS__);                                  \
+    case 3: return sm90_d0_c3_##fn(__VA_ARGS__);                                  \
+    case 4: return sm90_d1_c0_##fn(__VA_ARGS__);                                  \
+    case 5: return sm90_d1_c1_##fn(__VA_ARGS__);                                  \
+    case 6: return sm90_d1_c2_##fn(__VA_ARGS__);                                  \
+    case 7: return sm90_d1_c3_##fn(__VA_ARGS__);                                  \
     default: break;                                                               \
   }
 #else

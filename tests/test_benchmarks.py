@@ -38,7 +38,8 @@ def test_gemm_2to4_smoke(tmp_path):
     for r in rows:
         assert r["dense_ms"] > 0 and r["ours_ms"] > 0 and r["speedup_ours"] == pytest.approx(r["dense_ms"] / r["ours_ms"])
         # Kernel-alone columns exist in every row, empty where that kernel cannot run (here: no GPU).
-        assert {"sm80_ms", "sm90_decode_ms", "sm90_large_ms", "sm90_streamk_ms", "torch_ms"} <= set(r)
+        assert {"sm80_ms", "sm90_decode_ms", "sm90_large_ms", "sm90_streamk_ms", "sm90_wide_ms", "torch_ms"} <= set(r)
+        assert r["timing"] == "triton do_bench median" and r["weight_copies"] == 1
         assert r["sm80_ms"] is None and r["sm90_ms"] is None
         assert r["dense_gbps"] > 0 and r["ours_gbps"] > 0
     assert data["environment"]["copy_gbps"] > 0 and data["environment"]["kernels_timed"] == []
@@ -52,16 +53,29 @@ def test_e2e_decode_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = tmp_path.glob("e2e_decode_*.json")
     rows = json.loads(result.read_text())["results"]
-    assert [r["batch"] for r in rows] == [1, 16]
+    assert [r["batch"] for r in rows] == [1, 16] and {r["mode"] for r in rows} == {"eager"}  # graphs need CUDA
     assert all(r["dense_tok_s"] > 0 and r["sparse_tok_s"] > 0 for r in rows)
+    # Dense and sparse decode the same cache and input: their outputs are compared.
+    assert all(r["outputs_match"] and r["rel_diff_vs_dense"] < 5e-2 for r in rows)
 
 
 def test_prune_speed_smoke(tmp_path):
     proc = _run("prune_speed.py", "--models", "7B", "--cpu-rows", "8", "--patterns", "unstructured", "2:4",
-                tmp_path=tmp_path)
+                "--ops", "mask", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = tmp_path.glob("prune_speed_*.json")
     rows = json.loads(result.read_text())["results"]
     assert len(rows) == 3 * 2
     for r in rows:
         assert r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["ours_gbps"] > 0
+
+
+def test_prune_speed_norms_and_fused_compress_smoke(tmp_path):
+    proc = _run("prune_speed.py", "--models", "7B", "--cpu-rows", "32", "--ops", "norms", "compress",
+                tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("prune_speed_*.json")
+    rows = json.loads(result.read_text())["results"]
+    assert [r["pattern"] for r in rows] == ["act-norms", "prune+compress 2:4"] * 3
+    for r in rows:
+        assert r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["speedup"] == pytest.approx(r["baseline_ms"] / r["ours_ms"])

@@ -86,7 +86,7 @@ def test_sm90a_kernels_use_sparse_wgmma(sm90a_cubins):
     for cubin in cubins:
         sass = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
         shapes |= {tok.split(".")[2] for tok in sass.split() if tok.startswith("HGMMA.SP.")}
-    assert {"64x32x32", "64x128x32"} <= shapes, shapes
+    assert {"64x32x32", "64x128x32", "64x256x32"} <= shapes, shapes
 
 
 def test_sm90a_kernels_have_no_arch_conditional_abort(sm90a_cubins):
@@ -103,7 +103,7 @@ SM90_SHAPES = [(4096, 1, 4096), (4096, 16, 4096), (11008, 2048, 4096), (4096, 81
 
 
 @pytest.mark.parametrize("dtype", [0, 1])
-@pytest.mark.parametrize("config", [0, 1, 2])
+@pytest.mark.parametrize("config", [0, 1, 2, 3])
 @pytest.mark.parametrize(("m", "n", "k"), SM90_SHAPES)
 def test_sm90_can_implement_llama_and_odd_shapes(ext, dtype, config, m, n, k):
     if not ext.sm90_built():
@@ -118,7 +118,9 @@ def test_sm90_workspace_only_for_stream_k(ext):
     assert ext.sm90_workspace_size(0, 0, 4096, 16, 4096, 132) == 0
     assert ext.sm90_workspace_size(0, 1, 4096, 8192, 4096, 132) == 0
     assert ext.sm90_workspace_size(0, 2, 4096, 16, 4096, 132) > 0  # partial tiles of split K
+    assert ext.sm90_workspace_size(1, 3, 4096, 8192, 4096, 132) == 0
     assert ext.sm90_config_shape(0) == (64, 32, 256) and ext.sm90_config_shape(1) == (128, 128, 128)
+    assert ext.sm90_config_shape(3) == (128, 256, 128)
 
 
 def test_runs_on_follows_sass_compatibility(ext):

@@ -118,7 +118,36 @@ def test_sparse_linear_compiles_and_batches():
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(eager, expected, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    # The 2:4 op is opaque to Inductor and runs the same kernel; only the fused SiLU
+    # between the two layers may round differently (fp32 inside Inductor's kernel, fp16
+    # round trips in eager): one fp16 ulp of the activation, scaled by the second layer's
+    # row sums, stays under the dense-vs-sparse tolerance above.
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+
+
+def test_sparse_linear_captures_and_replays_in_a_cuda_graph():
+    _cutlass_ready()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4096, 11008, device="cuda", dtype=torch.float16)
+    wk.prune_(lin, torch.rand(4096, device="cuda") + 0.1, pattern="2:4")
+    sl = wk.SparseLinear.from_linear(lin)
+    for tokens in (1, 16, 300):
+        x = torch.randn(tokens, 4096, device="cuda", dtype=torch.float16)
+        eager = sl(x)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            sl(x)  # warm-up on a side stream, as torch.cuda.graphs asks
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = sl(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        # The replay reads the new x: same kernel, same inputs -> the same bits as eager.
+        assert torch.equal(y, sl(x)), tokens
+        assert not torch.equal(y[: eager.shape[0]], eager)
 
 
 def test_prune_compress_on_gpu_equals_torch_path():
@@ -132,6 +161,14 @@ def test_prune_compress_on_gpu_equals_torch_path():
 
 # ---------------------------------------------------------------------------
 # Hopper: the sm90a kernels (compute capability 9.0 only).
+
+
+def _random_24(m, k, dtype, seed, zero_frac=0.15):
+    """A random 2:4 weight with extra zeros (groups with < 2 non-zeros) and -0.0s (no hypothesis needed)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, k, generator=g).to(dtype)
+    w = w.masked_fill(~reference.nm_mask(torch.rand(m, k, generator=g), 2, 4), 0)
+    return w.masked_fill(torch.rand(m, k, generator=g) < zero_frac, -0.0)
 
 
 def _hopper():
@@ -151,7 +188,7 @@ def _pruned(out_f, in_f, dtype, seed=0, bias=True):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config", ["decode", "large", "streamk"])
+@pytest.mark.parametrize("config", ["decode", "large", "streamk", "wide"])
 @pytest.mark.parametrize(("out_f", "in_f"), [(4096, 4096), (11008, 4096), (4096, 11008), (104, 192)])
 @pytest.mark.parametrize("tokens", [1, 13, 128, 2048])
 @pytest.mark.parametrize("bias", [True, False])
@@ -215,15 +252,13 @@ def test_sm80_kernel_still_runs_on_hopper():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("m", "k"), [(256, 512), (4096, 4096)])
 def test_sm90_cutlass_compressor_and_our_conversion_decode_the_same(m, k, dtype):
-    from test_sparse24 import random_24
-
     from wanda_kernels._ext import extension
     from wanda_kernels.sparse24 import meta_shape, meta_sm80_to_sm90
     from wanda_kernels.sparse_linear import _DTYPE_CODE, _sm_count
 
     _hopper()
     ext = extension()
-    w = random_24(m, k, dtype, seed=m + k).cuda()  # groups with < 2 non-zeros, and -0.0
+    w = _random_24(m, k, dtype, seed=m + k).cuda()  # groups with < 2 non-zeros, and -0.0
     values_c = torch.empty(m, k // 2, dtype=dtype, device="cuda")
     meta_c = torch.empty(meta_shape(m, k, "sm90"), dtype=torch.int16, device="cuda")
     sms = _sm_count(torch.cuda.current_device())

@@ -1,25 +1,98 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one go, with raw results under $OUT (default gpu_results/):
-# the GPU tests, compute-sanitizer memcheck of every 2:4 kernel, and the benchmarks.
-# Run from a checkout where `pip install .` built wanda_kernels._C (with nvcc) and pytest,
-# triton and matplotlib are installed. Exits non-zero if a step fails; later steps still run.
+# Everything that needs a GPU, as named steps of under 8 minutes each on an H100, each
+# runnable alone on a fresh machine and each leaving its raw log plus JSON under $OUT
+# (default gpu_results/):
+#
+#   tools/gpu_check.sh build         build _C in place (all cores, bounded by memory), copy the .so to $OUT
+#   tools/gpu_check.sh tests         tests/test_gpu.py                          -> pytest_gpu.txt, pytest_gpu.xml
+#   tools/gpu_check.sh memcheck      compute-sanitizer memcheck, every kernel   -> memcheck.txt
+#   tools/gpu_check.sh racecheck     compute-sanitizer racecheck, fewer shapes  -> racecheck.txt
+#   tools/gpu_check.sh bench-gemm    benchmarks/gemm_2to4.py                    -> gemm_2to4_<gpu>.{json,csv,png}
+#   tools/gpu_check.sh bench-decode  benchmarks/e2e_decode.py (CUDA graphs)     -> e2e_decode_<gpu>.json
+#   tools/gpu_check.sh bench-prune   benchmarks/prune_speed.py                  -> prune_speed_<gpu>.json
+#   tools/gpu_check.sh tune          benchmarks/tune_sm90.py, tune_mask.py      -> tune_sm90_fp16_<gpu>.json, tune_mask_<gpu>.json
+#
+# Several steps may be named in one call; each runs under its own time limit, and a
+# failing step does not stop the next. Every step but `build` needs a built _C: either
+# installed, or in the checkout (wanda_kernels/_C*.so, e.g. carried from a `build` step).
+# The checkout is put first on PYTHONPATH, so the in-place .so is the one imported.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+REPO=$PWD
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+STEP_LIMIT=${STEP_LIMIT:-470}  # seconds; under 8 minutes
 status=0
-step() { echo "=== $1"; shift; "$@" 2>&1 | tee "$OUT/$LOG"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || status=$rc; }
 
-python -c "import torch, wanda_kernels._ext as e; print(torch.cuda.get_device_name(), torch.cuda.get_device_capability(), 'archs', e.extension() and e.extension().cuda_archs)" | tee "$OUT/device.txt"
-# From another directory, so that the installed package (with _C) is imported.
-LOG=pytest_gpu.txt step "GPU tests" bash -c "cd \"\$(mktemp -d)\" && python -m pytest -q -p no:cacheprovider -rs \"$PWD/tests/test_gpu.py\""
-if command -v compute-sanitizer >/dev/null; then
-  LOG=memcheck.txt step "compute-sanitizer memcheck" compute-sanitizer --tool memcheck --error-exitcode 3 \
-    python tools/memcheck_sparse24.py
-else
-  echo "no compute-sanitizer on PATH: memcheck skipped" | tee "$OUT/memcheck.txt"
-fi
-LOG=gemm_2to4.txt step "2:4 GEMM benchmark" python benchmarks/gemm_2to4.py --out-dir "$OUT"
-LOG=e2e_decode.txt step "decode benchmark" python benchmarks/e2e_decode.py --out-dir "$OUT"
-LOG=prune_speed.txt step "pruning kernels benchmark" python benchmarks/prune_speed.py --out-dir "$OUT"
+device_info() {
+  "$PY" - <<'EOF' 2>&1 | tee "$OUT/device.txt"
+import json, subprocess, torch, triton
+import wanda_kernels._ext as e
+ext = e.extension()
+p = torch.cuda.get_device_properties(0)
+drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                     capture_output=True, text=True).stdout.strip()
+print(json.dumps(dict(gpu=p.name, cc=f"{p.major}.{p.minor}", sms=p.multi_processor_count, driver=drv,
+                      torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__,
+                      ext_archs=ext and ext.cuda_archs, ext_error=None if ext else e.extension_error())))
+EOF
+}
+
+run_step() {  # run_step NAME LOG CMD...: time-limited, log to $OUT/LOG, remember failure
+  local name=$1 log=$2; shift 2
+  echo "=== $name ($(date -u +%H:%M:%S))"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$STEP_LIMIT" "$@" 2>&1 | tee "$OUT/$log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
+  [ "$rc" = 0 ] || status=$rc
+}
+
+build() {
+  local mem_gb jobs
+  mem_gb=$(awk '/MemAvailable/ {print int($2 / 1048576)}' /proc/meminfo)
+  jobs=$(( mem_gb / 6 )); [ "$jobs" -lt 1 ] && jobs=1; [ "$jobs" -gt "$(nproc)" ] && jobs=$(nproc)
+  WANDA_KERNELS_BUILD_JOBS=${WANDA_KERNELS_BUILD_JOBS:-$jobs} run_step build build.txt \
+    "$PY" setup.py build_ext --inplace
+  cp wanda_kernels/_C*.so "$OUT/" 2>/dev/null || { echo "build produced no _C*.so"; status=1; }
+}
+
+for step in "$@"; do
+  case $step in
+    build) build ;;
+    tests)
+      device_info
+      run_step tests pytest_gpu.txt "$PY" -m pytest -q -p no:cacheprovider -rs --junitxml "$OUT/pytest_gpu.xml" \
+        tests/test_gpu.py ;;
+    memcheck)
+      device_info
+      if ! command -v compute-sanitizer >/dev/null; then
+        echo "no compute-sanitizer on PATH: memcheck not run" | tee "$OUT/memcheck.txt"; status=1
+      else
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck memcheck.txt compute-sanitizer --tool memcheck \
+          --error-exitcode 3 "$PY" tools/memcheck_sparse24.py
+      fi ;;
+    racecheck)
+      device_info
+      if ! command -v compute-sanitizer >/dev/null; then
+        echo "no compute-sanitizer on PATH: racecheck not run" | tee "$OUT/racecheck.txt"; status=1
+      else
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step racecheck racecheck.txt compute-sanitizer --tool racecheck \
+          --error-exitcode 3 "$PY" tools/memcheck_sparse24.py --quick --cpu-reference
+      fi ;;
+    bench-gemm)  # BENCH_ARGS, e.g. "--models 70B --dtypes bf16", splits the sweep across calls
+      device_info; run_step bench-gemm gemm_2to4.txt "$PY" benchmarks/gemm_2to4.py --out-dir "$OUT" ${BENCH_ARGS:-} ;;
+    bench-decode) device_info; run_step bench-decode e2e_decode.txt "$PY" benchmarks/e2e_decode.py --out-dir "$OUT" ;;
+    bench-prune) device_info; run_step bench-prune prune_speed.txt "$PY" benchmarks/prune_speed.py --out-dir "$OUT" ;;
+    tune)
+      device_info
+      run_step tune-sm90 tune_sm90.txt "$PY" benchmarks/tune_sm90.py --out-dir "$OUT"
+      run_step tune-mask tune_mask.txt "$PY" benchmarks/tune_mask.py --out-dir "$OUT" ;;
+    *) echo "unknown step '$step'; steps: build tests memcheck racecheck bench-gemm bench-decode bench-prune tune" >&2; exit 2 ;;
+  esac
+done
+[ $# -gt 0 ] || { echo "usage: tools/gpu_check.sh STEP [STEP ...]; steps: build tests memcheck racecheck bench-gemm bench-decode bench-prune tune" >&2; exit 2; }
 exit $status

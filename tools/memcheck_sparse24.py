@@ -1,15 +1,21 @@
-"""Run every 2:4 GEMM kernel of wanda_kernels._C once per shape, for compute-sanitizer.
+"""Run every 2:4 GEMM kernel of wanda_kernels._C on odd and LLaMA-like shapes, for compute-sanitizer.
 
-    compute-sanitizer --tool memcheck python tools/memcheck_sparse24.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 tools/memcheck_sparse24.py
 
-Small LLaMA-like and odd shapes, both dtypes, every sm90a configuration on compute
-capability 9.0 and the sm80 kernel where it runs, with and without bias; exits non-zero
-on a wrong result (against F.linear in fp32), so a clean memcheck log plus exit 0 means
-no out-of-bounds access on these shapes.
+Without the caching allocator every tensor is its own cudaMalloc, so a read or write
+past a tensor's end lands outside any allocation and memcheck reports it (inside one
+of the allocator's large blocks it would be invisible).
+
+Shapes that are not multiples of the kernels' tiles go through ``SparseLinear.from_dense``
+padding, as in the product. Both dtypes, every sm90a configuration on compute capability
+9.0 and the sm80 kernel where it runs, with and without bias. Exits non-zero on a wrong
+result (against F.linear in fp32) and when a kernel it should have launched was not
+launched, so exit 0 plus a clean memcheck log means every named kernel ran cleanly.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -17,50 +23,86 @@ import torch.nn.functional as F
 
 import wanda_kernels as wk
 from wanda_kernels._ext import runs_on, sm90_built
-from wanda_kernels.sparse24 import meta_sm80_to_sm90
-from wanda_kernels.sparse_linear import launch_sparse24_gemm, launch_sparse24_sm90
+from wanda_kernels.sparse24 import _round_up
+from wanda_kernels.sparse_linear import SM90_CONFIGS, launch_sparse24_gemm, launch_sparse24_sm90
 
-SHAPES = [(104, 192), (4096, 4096), (1024, 4096)]
+SHAPES = [(104, 192), (100, 200), (1024, 4096), (4096, 4096)]
 TOKENS = [1, 13, 200]
 
 
-def main() -> int:
+def expected_kernels(cc) -> set[str]:
+    names = set()
+    if cc == (9, 0) and sm90_built():
+        names |= {f"sm90 {cfg} {dt}" for cfg in SM90_CONFIGS for dt in ("float16", "bfloat16")}
+    if cc[0] in (8, 9) and runs_on(*cc):
+        names |= {f"sm80 {dt}" for dt in ("float16", "bfloat16")}
+    return names
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one odd and one aligned shape, 1 and 13 tokens")
+    p.add_argument("--cpu-reference", action="store_true",
+                   help="compute the F.linear references on the CPU, so that no cuBLAS kernel runs under the "
+                        "sanitizer (racecheck reports hazards inside cuBLAS's split-K kernels, not ours)")
+    args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("memcheck_sparse24.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    shapes, tokens = (SHAPES[:1] + SHAPES[2:3], TOKENS[:2]) if args.quick else (SHAPES, TOKENS)
     cc = torch.cuda.get_device_capability()
+    expected = expected_kernels(cc)
+    if not expected:
+        print(f"no 2:4 kernel of this build runs on compute capability {cc}", file=sys.stderr)
+        return 2
+    launched: set[str] = set()
     failures = 0
     for dtype in (torch.float16, torch.bfloat16):
-        for out_f, in_f in SHAPES:
+        dt = str(dtype).replace("torch.", "")
+        for out_f, in_f in shapes:
             g = torch.Generator(device="cuda").manual_seed(out_f + in_f)
             w = torch.randn(out_f, in_f, generator=g, device="cuda", dtype=dtype)
             wk.prune_(w, torch.rand(in_f, generator=g, device="cuda") + 0.1, pattern="2:4")
             bias = torch.randn(out_f, generator=g, device="cuda", dtype=dtype)
-            values, meta = wk.compress_24(w)
-            for n in TOKENS:
+            sl = wk.SparseLinear.from_dense(w, bias)  # pads M and K to the kernels' multiples
+            values, m_pad = sl.values, sl.values.shape[0]
+            for n in tokens:
                 x = torch.randn(n, in_f, generator=g, device="cuda", dtype=dtype)
+                xk = F.pad(x, (0, 2 * values.shape[1] - in_f))  # K padded with zeros, as SparseLinear does
                 runs = []
-                if cc == (9, 0) and sm90_built():
-                    meta90 = meta_sm80_to_sm90(meta, out_f, in_f)
-                    for cfg in ("decode", "large", "streamk"):
-                        for b in (None, bias):
-                            y = torch.empty(n, out_f, device="cuda", dtype=dtype)
-                            launch_sparse24_sm90(values, meta90, x, y, b, cfg)
-                            runs.append((f"sm90 {cfg} bias={b is not None}", y, b))
-                if cc[0] in (8, 9) and runs_on(*cc) and n % 8 == 0:
-                    d = torch.empty(out_f, n, device="cuda", dtype=dtype)
-                    launch_sparse24_gemm(values, meta, x, d)
-                    runs.append(("sm80", d.t(), None))
-                for name, y, b in runs:
-                    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
-                    err = float((y.float() - ref).abs().max())
-                    bound = 2 * float((F.linear(x, w, b).float() - ref).abs().max()) + 1e-6
-                    ok = err <= bound
+                if f"sm90 decode {dt}" in expected:
+                    meta90 = sl._meta_as("sm90")
+                    m8 = _round_up(out_f, 8)
+                    bias8 = F.pad(bias, (0, m8 - out_f))
+                    for cfg in SM90_CONFIGS:
+                        for b in (None, bias8):
+                            y = torch.full((n, m8), float("nan"), device="cuda", dtype=dtype)
+                            launch_sparse24_sm90(values, meta90, xk, y, b, cfg)
+                            runs.append((f"sm90 {cfg} {dt}", b is not None, y[:, :out_f]))
+                if f"sm80 {dt}" in expected:
+                    n8 = _round_up(n, 8)
+                    xb = F.pad(xk, (0, 0, 0, n8 - n))
+                    d = torch.full((m_pad, n8), float("nan"), device="cuda", dtype=dtype)
+                    launch_sparse24_gemm(values, sl._meta_as("sm80"), xb, d)
+                    runs.append((f"sm80 {dt}", False, d[:out_f, :n].t()))
+                ref_dev = torch.device("cpu") if args.cpu_reference else x.device
+                xr, wr, br = x.to(ref_dev), w.to(ref_dev), bias.to(ref_dev)
+                for name, with_bias, y in runs:
+                    launched.add(name)
+                    b = br if with_bias else None
+                    ref = F.linear(xr.float(), wr.float(), None if b is None else b.float())
+                    err = float((y.to(ref_dev).float() - ref).abs().max())
+                    bound = 2 * float((F.linear(xr, wr, b).float() - ref).abs().max()) + 1e-6
+                    ok = err <= bound  # False for NaN: an unwritten output fails
                     failures += not ok
-                    print(f"{'ok  ' if ok else 'FAIL'} {name:24s} {dtype} {out_f}x{in_f} n={n}: err {err:.3g} "
-                          f"(bound {bound:.3g})")
+                    print(f"{'ok  ' if ok else 'FAIL'} {name:24s} bias={with_bias!s:5} {out_f}x{in_f} n={n}: "
+                          f"err {err:.3g} (bound {bound:.3g})", flush=True)
     torch.cuda.synchronize()
-    return 1 if failures else 0
+    missing = expected - launched
+    if missing:
+        print(f"FAIL: never launched: {sorted(missing)}", file=sys.stderr)
+    print(f"launched {len(launched)} kernels: {sorted(launched)}; {failures} wrong results")
+    return 1 if failures or missing else 0
 
 
 if __name__ == "__main__":

@@ -43,8 +43,37 @@ __all__ = ["SparseLinear", "sparsify_", "cutlass_unavailable_reason", "select_ke
 
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 _TOKEN_MULTIPLE = 8  # the sm80 kernel loads x and stores y 8 elements at a time
-_DECODE_MAX_TOKENS = 128  # up to this many (padded) tokens use the small-tile configuration
-SM90_CONFIGS = {"decode": 0, "large": 1, "streamk": 2}
+_DECODE_MAX_TOKENS = 128  # sm80: up to this many (padded) tokens use the small-tile configuration
+SM90_CONFIGS = {"decode": 0, "large": 1, "streamk": 2, "wide": 3}
+
+# sm90a dispatch, read off benchmarks/tune_sm90.py on an H100 SXM (raw times in
+# benchmarks/results/h100/round2/tune_sm90_fp16_*.json; a CPU test replays the rule on
+# them). It counts each configuration's output tiles (one CTA each) against the
+# multiprocessors. Up to 128 tokens the weight's bytes dominate and only the two
+# small-N tiles are considered; above, the largest tile first:
+#   wide    (128 x 256) once it has at least half a wave of tiles;
+#   large   (128 x 128) once it has at least a quarter of a wave;
+#   decode  (64 x 32) while its tiles fit in one wave;
+#   streamk (128 x 32) otherwise: it splits K so that a partial wave stays busy.
+# Tiles are ceil(out_features / tile M) * ceil(tokens / tile N).
+SM90_DISPATCH: tuple[tuple[str, int, int, float], ...] = (
+    # (configuration, tile M, tile N, least tiles as a fraction of the SM count)
+    ("wide", 128, 256, 0.5),
+    ("large", 128, 128, 0.25),
+)
+_SM90_DECODE_TILE = (64, 32)
+_SM90_SMALL_N_TOKENS = 128
+
+
+def sm90_config_for(tokens: int, out_features: int, sm_count: int) -> str:
+    """The sm90a configuration ``SparseLinear`` runs for ``tokens`` rows of input (see ``SM90_DISPATCH``)."""
+    def tiles(tile_m: int, tile_n: int) -> int:
+        return -(-out_features // tile_m) * -(-tokens // tile_n)
+
+    for config, tile_m, tile_n, least in SM90_DISPATCH:
+        if tokens > _SM90_SMALL_N_TOKENS and tiles(tile_m, tile_n) >= least * sm_count:
+            return config
+    return "decode" if tiles(*_SM90_DECODE_TILE) <= sm_count else "streamk"
 
 
 def select_kernel(device: torch.device, dtype: torch.dtype) -> tuple[str | None, str | None]:
@@ -136,14 +165,14 @@ def launch_sparse24_sm90(values: torch.Tensor, meta: torch.Tensor, xb: torch.Ten
         y: ``(N, M)`` output of ``xb``'s dtype, row stride a multiple of 8; ``M % 8 == 0``,
             ``M <= M_pad``: the first M rows of the weight are used.
         bias: ``(M,)`` of ``xb``'s dtype, 16-byte aligned, or None.
-        config: ``"decode"`` | ``"large"`` | ``"streamk"``; None picks by token count.
+        config: a key of ``SM90_CONFIGS``; None picks by :func:`sm90_config_for`.
     """
     ext = extension()
     m, n, k = y.shape[1], xb.shape[0], 2 * values.shape[1]
-    if config is None:
-        config = "decode" if n <= _DECODE_MAX_TOKENS else "large"
-    code, cfg = _DTYPE_CODE[xb.dtype], SM90_CONFIGS[config]
     sms = _sm_count(xb.device.index if xb.device.index is not None else torch.cuda.current_device())
+    if config is None:
+        config = sm90_config_for(n, m, sms)
+    code, cfg = _DTYPE_CODE[xb.dtype], SM90_CONFIGS[config]
     ws_bytes = _sm90_workspace_bytes(code, cfg, m, n, k, sms)
     workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=xb.device) if ws_bytes else None
     with torch.cuda.device(xb.device):

@@ -125,9 +125,12 @@ def _wanda_nm_mask_kernel(
 
 
 def _num_warps(block_n: int) -> int:
-    # At most 16 keys per thread: spill-free up to 16384 columns (64 regs at 32 warps,
-    # checked on ptxas's sm_90 resource usage); longer rows spill a little to L1.
-    return int(min(32, max(4, block_n // (32 * 16))))
+    # 128 keys per thread (one warp for a 4096-column row). Each of the 31 bisection
+    # steps ends in a block-wide reduction, whose barrier costs more the more warps
+    # share it; fewer warps per row also let more rows run per SM. Measured on an H100
+    # (benchmarks/tune_mask.py, results/h100/round2): 1.3-2x faster than 16 keys per
+    # thread at LLaMA row lengths, best or within 5% of best at each.
+    return int(min(32, max(1, block_n // (32 * 128))))
 
 
 def launch_wanda_mask(
@@ -166,14 +169,15 @@ def launch_wanda_mask(
         else:
             n, m = nm
             m_pad = triton.next_power_of_2(m)
-            # ~4096 pairwise compares per program whatever M is; capped by the row length.
-            block_g = min(max(1, 4096 // (m_pad * m_pad)), triton.next_power_of_2(cols // m))
+            # ~2048 pairwise compares per program whatever M is; capped by the row length.
+            # (H100, tune_mask.py: 128 groups for 2:4, 32 for 4:8, within 5% of the best.)
+            block_g = min(max(1, 2048 // (m_pad * m_pad)), triton.next_power_of_2(cols // m))
             grid = (rows, triton.cdiv(cols // m, block_g))
             _wanda_nm_mask_kernel[grid](
                 weight, norms_arg, mask_arg, cols,
                 weight.stride(0), weight.stride(1), stride_mr,
                 N=n, M=m, M_PAD=m_pad, BLOCK_G=block_g,
                 USE_NORMS=use_norms, WRITE_WEIGHT=write_weight, WRITE_MASK=mask is not None,
-                num_warps=4,
+                num_warps=2 if m_pad <= 4 else 4,
             )
 

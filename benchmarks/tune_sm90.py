@@ -1,0 +1,137 @@
+"""Which sm90a configuration wins where: ``python benchmarks/tune_sm90.py``
+
+Times every sm90a configuration of wanda_kernels._C alone (no SparseLinear host
+work) over a fine sweep of token counts on a few LLaMA shapes, with cuBLAS dense in
+the same run, and prints for each (shape, tokens) the winner. The dispatch table in
+``wanda_kernels/sparse_linear.py`` (``SM90_DISPATCH``) is read off this output; the JSON
+keeps the raw times. Decode sizes (<= 512 tokens) are timed as CUDA-graph replays
+rotating through weight copies larger than L2, larger ones with do_bench. Every
+configuration's output is checked against fp32 F.linear before it is timed.
+Needs compute capability 9.0 and a build with the sm90a kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from _common import bench_ms, environment, graph_ms, rotation_copies, write_results
+
+log = logging.getLogger("tune_sm90")
+
+SHAPES = {"7B q/k/v/o": (4096, 4096), "7B gate/up": (11008, 4096), "70B k/v": (1024, 8192),
+          "70B down": (8192, 28672)}
+TOKENS = [1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096, 8192]
+GRAPH_MAX_TOKENS = 512
+
+
+def host_overhead(device, dtype, calls: int = 200) -> dict:
+    """Wall-clock microseconds per call of each layer of the SparseLinear path at 1 token (host-bound)."""
+    import time
+
+    import wanda_kernels as wk
+    from wanda_kernels.sparse_linear import _sm90_linear, launch_sparse24_sm90
+
+    lin = torch.nn.Linear(4096, 4096, bias=False, device=device, dtype=dtype)
+    wk.prune_(lin, torch.rand(4096, device=device) + 0.1, pattern="2:4")
+    sl = wk.SparseLinear.from_linear(lin)
+    x = torch.randn(1, 4096, device=device, dtype=dtype)
+    y = torch.empty(1, 4096, device=device, dtype=dtype)
+    paths = {
+        "F.linear (cuBLAS)": lambda: torch.nn.functional.linear(x, lin.weight),
+        "SparseLinear.forward": lambda: sl(x),
+        "torch.ops custom op": lambda: torch.ops.wanda_kernels.sparse24_linear(x, sl.values, sl.meta, None, 4096,
+                                                                               sl.meta_format),
+        "_sm90_linear": lambda: _sm90_linear(x, sl.values, sl.meta, None, 4096),
+        "launch_sparse24_sm90 (decode)": lambda: launch_sparse24_sm90(sl.values, sl.meta, x, y, None, "decode"),
+    }
+    out = {}
+    with torch.no_grad():
+        for name, fn in paths.items():
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize(device)
+            out[name] = round((time.perf_counter() - t0) / calls * 1e6, 1)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    p.add_argument("--out-dir", default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        print("tune_sm90.py needs a compute capability 9.0 GPU (H100/H200)", file=sys.stderr)
+        return 2
+    import wanda_kernels as wk
+    from wanda_kernels._ext import sm90_built
+    from wanda_kernels.sparse_linear import SM90_CONFIGS, launch_sparse24_sm90
+
+    if not sm90_built():
+        print("this build of wanda_kernels._C has no sm90a kernels", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+    rows = []
+    for name, (out_f, in_f) in SHAPES.items():
+        g = torch.Generator(device=device).manual_seed(0)
+        w = torch.randn(out_f, in_f, generator=g, device=device, dtype=dtype)
+        wk.prune_(w, torch.rand(in_f, generator=g, device=device) + 0.1, pattern="2:4")
+        values, meta90 = wk.compress_24(w, meta_format="sm90")
+        for tokens in args.tokens:
+            x = torch.randn(tokens, in_f, generator=g, device=device, dtype=dtype)
+            ref = F.linear(x.float(), w.float())
+            bound = 2 * float((F.linear(x, w).float() - ref).abs().max()) + 1e-3
+            graph = tokens <= GRAPH_MAX_TOKENS
+            n = rotation_copies(values.numel() * values.element_size() * 5 // 4, device) if graph else 1
+            vals = [values] + [values.clone() for _ in range(n - 1)]
+            ws = [w] + [w.clone() for _ in range(n - 1)]
+
+            def timed(fns):
+                return graph_ms(fns, device) if graph else bench_ms(fns[0], device)
+
+            row = dict(shape=name, out_features=out_f, in_features=in_f, tokens=tokens, dtype=args.dtype,
+                       timing="cuda-graph replay, weights rotated past L2" if graph else "do_bench median",
+                       dense_ms=timed([lambda w=w_: F.linear(x, w) for w_ in ws]))
+            y = torch.empty(tokens, out_f, device=device, dtype=dtype)
+            for cfg in SM90_CONFIGS:
+                try:
+                    y.fill_(float("nan"))
+                    launch_sparse24_sm90(values, meta90, x, y, None, cfg)
+                    err = float((y.float() - ref).abs().max())
+                    if not err <= bound:
+                        row[f"{cfg}_error"] = f"max error {err:.3g} > {bound:.3g}"
+                        continue
+                    row[f"{cfg}_ms"] = timed([lambda v=v, cfg=cfg: launch_sparse24_sm90(v, meta90, x, y, None, cfg)
+                                              for v in vals])
+                except RuntimeError as exc:
+                    row[f"{cfg}_error"] = str(exc)[:200]
+            timed_cfgs = [c for c in SM90_CONFIGS if f"{c}_ms" in row]
+            row["best"] = min(timed_cfgs, key=lambda c: row[f"{c}_ms"]) if timed_cfgs else None
+            if row["best"]:
+                row["best_speedup"] = row["dense_ms"] / row[f"{row['best']}_ms"]
+            rows.append(row)
+            log.info("%-11s %5d tok  dense %8.1f us  %s  -> %s (%.2fx)", name, tokens, row["dense_ms"] * 1e3,
+                     "  ".join(f"{c} {row[f'{c}_ms'] * 1e3:8.1f}" if f"{c}_ms" in row else f"{c} ERR"
+                               for c in SM90_CONFIGS), row["best"], row.get("best_speedup", 0))
+            del vals, ws
+    env = environment(device)
+    env["host_us_per_call"] = host_overhead(device, dtype)
+    log.info("host time per call (us, 4096x4096, 1 token, synchronised every 200 calls): %s", env["host_us_per_call"])
+    path = write_results(f"tune_sm90_{args.dtype}", env, rows, args.out_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
