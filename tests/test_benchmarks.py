@@ -79,3 +79,13 @@ def test_prune_speed_norms_and_fused_compress_smoke(tmp_path):
     assert [r["pattern"] for r in rows] == ["act-norms", "prune+compress 2:4"] * 3
     for r in rows:
         assert r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["speedup"] == pytest.approx(r["baseline_ms"] / r["ours_ms"])
+
+
+@pytest.mark.parametrize("script", ["memcheck_sparse24.py", "profile_targets.py"])
+def test_gpu_tools_refuse_without_cuda(script):
+    if os.path.exists("/dev/nvidiactl"):
+        pytest.skip("a GPU machine")
+    tool = BENCH.parent / "tools" / script
+    proc = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
