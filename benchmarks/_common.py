@@ -81,16 +81,19 @@ def graph_ms(fns, device: torch.device, *, min_calls: int = 64, repeats: int = 1
                 fn()
     graph.replay()
     torch.cuda.synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / (rounds * len(fns)))
+    times = [event_ms(graph.replay) / (rounds * len(fns)) for _ in range(repeats)]
     del graph
     return statistics.median(times)
+
+
+def event_ms(fn) -> float:
+    """GPU time of the work ``fn()`` enqueues on the current stream, in ms (CUDA events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def rotation_copies(nbytes: int, device: torch.device, cap: int = 64) -> int:

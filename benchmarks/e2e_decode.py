@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import environment, format_table, write_results
+from _common import environment, event_ms, format_table, write_results
 
 log = logging.getLogger("e2e_decode")
 
@@ -80,15 +80,11 @@ def decode_tokens_per_s(layers, batch, context, steps, hidden, heads, device, dt
                 out = step(x0, context)
             g.replay()
             torch.cuda.synchronize(device)
-            times = []
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+            def replays():
                 for _ in range(steps):
                     g.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
+
+            times = [event_ms(replays) / 1e3 for _ in range(repeats)]
             return batch * steps / statistics.median(times), out.clone()
 
         def run(n):

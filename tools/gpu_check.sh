@@ -60,6 +60,17 @@ build() {
   cp wanda_kernels/_C*.so "$OUT/" 2>/dev/null || { echo "build produced no _C*.so"; status=1; }
 }
 
+sanitize() {  # sanitize TOOL [ARGS...]: compute-sanitizer TOOL over tools/memcheck_sparse24.py ARGS
+  local tool=$1; shift
+  device_info
+  if ! command -v compute-sanitizer >/dev/null; then
+    echo "no compute-sanitizer on PATH: $tool not run" | tee "$OUT/$tool.txt"; status=1; return
+  fi
+  # No caching allocator: every tensor is its own allocation, so out-of-bounds accesses are seen.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step "$tool" "$tool.txt" compute-sanitizer --tool "$tool" \
+    --error-exitcode 3 "$PY" tools/memcheck_sparse24.py "$@"
+}
+
 for step in "$@"; do
   case $step in
     build) build ;;
@@ -67,22 +78,8 @@ for step in "$@"; do
       device_info
       run_step tests pytest_gpu.txt "$PY" -m pytest -q -p no:cacheprovider -rs --junitxml "$OUT/pytest_gpu.xml" \
         tests/test_gpu.py ;;
-    memcheck)
-      device_info
-      if ! command -v compute-sanitizer >/dev/null; then
-        echo "no compute-sanitizer on PATH: memcheck not run" | tee "$OUT/memcheck.txt"; status=1
-      else
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck memcheck.txt compute-sanitizer --tool memcheck \
-          --error-exitcode 3 "$PY" tools/memcheck_sparse24.py
-      fi ;;
-    racecheck)
-      device_info
-      if ! command -v compute-sanitizer >/dev/null; then
-        echo "no compute-sanitizer on PATH: racecheck not run" | tee "$OUT/racecheck.txt"; status=1
-      else
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step racecheck racecheck.txt compute-sanitizer --tool racecheck \
-          --error-exitcode 3 "$PY" tools/memcheck_sparse24.py --quick --cpu-reference
-      fi ;;
+    memcheck) sanitize memcheck ;;
+    racecheck) sanitize racecheck --quick --cpu-reference ;;
     bench-gemm)  # BENCH_ARGS, e.g. "--models 70B --dtypes bf16", splits the sweep across calls
       device_info; run_step bench-gemm gemm_2to4.txt "$PY" benchmarks/gemm_2to4.py --out-dir "$OUT" ${BENCH_ARGS:-} ;;
     bench-decode) device_info; run_step bench-decode e2e_decode.txt "$PY" benchmarks/e2e_decode.py --out-dir "$OUT" ;;
