@@ -170,7 +170,7 @@ CALLS = {
         ("sm90", dict(bias=P + 2), r"bias must be 0 \(none\) or 16-byte aligned"),
         ("sm90", dict(ldx=4100), r"x row stride \(ldx\) must be >= k and a multiple of 8; got 4100"),
         ("sm90", dict(ldy=8), r"y row stride \(ldy\) must be >= m"),
-        ("sm90", dict(config=3), r"sm90 config must be 0 \(decode\), 1 \(large\) or 2 \(stream-K\); got 3"),
+        ("sm90", dict(config=4), r"sm90 config must be 0 \(decode\), 1 \(large\), 2 \(stream-K\) or 3 \(wide\); got 4"),
         ("sm90", dict(sm_count=0), r"sm_count must be positive; got 0"),
     ],
 )
