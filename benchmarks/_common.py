@@ -58,6 +58,24 @@ def bench_ms(fn, device: torch.device, *, cpu_reps: int = 5, cpu_max_s: float = 
     return statistics.median(times)
 
 
+def capture_graph(body, device: torch.device, warmup=None):
+    """``(graph, body's result)``: ``body()`` captured in a CUDA graph, after one ``warmup()``
+    (default: ``body()``) on a side stream, so that JIT compilation, workspaces and handles
+    are created outside the capture, as ``torch.cuda.graphs`` asks."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        (warmup or body)()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = body()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    return graph, result
+
+
 def graph_ms(fns, device: torch.device, *, min_calls: int = 64, repeats: int = 10) -> float:
     """Median GPU time per call of ``fns`` (called round-robin), replayed from one CUDA graph.
 
@@ -67,20 +85,16 @@ def graph_ms(fns, device: torch.device, *, min_calls: int = 64, repeats: int = 1
     times over in one graph whose replays are timed with CUDA events.
     """
     rounds = -(-min_calls // len(fns))
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):  # warm-up outside the capture: JIT, workspaces, handles
+
+    def one_pass():
         for fn in fns:
             fn()
-    current.wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def body():
         for _ in range(rounds):
-            for fn in fns:
-                fn()
-    graph.replay()
-    torch.cuda.synchronize(device)
+            one_pass()
+
+    graph, _ = capture_graph(body, device, warmup=one_pass)
     times = [event_ms(graph.replay) / (rounds * len(fns)) for _ in range(repeats)]
     del graph
     return statistics.median(times)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import environment, event_ms, format_table, write_results
+from _common import capture_graph, environment, event_ms, format_table, write_results
 
 log = logging.getLogger("e2e_decode")
 
@@ -70,16 +70,8 @@ def decode_tokens_per_s(layers, batch, context, steps, hidden, heads, device, dt
 
     with torch.no_grad():
         if graph:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                step(x0, context)  # warm-up outside the capture (kernel selection, workspaces)
-            torch.cuda.current_stream(device).wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                out = step(x0, context)
-            g.replay()
-            torch.cuda.synchronize(device)
+            g, out = capture_graph(lambda: step(x0, context), device)
+
             def replays():
                 for _ in range(steps):
                     g.replay()

@@ -123,6 +123,18 @@ def test_sm90_workspace_only_for_stream_k(ext):
     assert ext.sm90_config_shape(3) == (128, 256, 128)
 
 
+def test_sm90_dispatch_tiles_are_the_built_configurations(ext):
+    # sparse_linear's dispatch counts tiles with its own copy of the tile shapes (it is
+    # pure Python, tested without the extension): they must be the compiled ones.
+    from wanda_kernels.sparse_linear import _SM90_DECODE_TILE, SM90_CONFIGS, SM90_DISPATCH
+
+    if not ext.sm90_built():
+        pytest.skip("built without the sm90a kernels")
+    for config, tile_m, tile_n, _ in SM90_DISPATCH:
+        assert ext.sm90_config_shape(SM90_CONFIGS[config])[:2] == (tile_m, tile_n), config
+    assert ext.sm90_config_shape(SM90_CONFIGS["decode"])[:2] == _SM90_DECODE_TILE
+
+
 def test_runs_on_follows_sass_compatibility(ext):
     archs = _ext.built_archs()
     if 80 in archs:

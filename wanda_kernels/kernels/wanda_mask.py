@@ -128,8 +128,8 @@ def _num_warps(block_n: int) -> int:
     # 128 keys per thread (one warp for a 4096-column row). Each of the 31 bisection
     # steps ends in a block-wide reduction, whose barrier costs more the more warps
     # share it; fewer warps per row also let more rows run per SM. Measured on an H100
-    # (benchmarks/tune_mask.py, results/h100/round2): 1.3-2x faster than 16 keys per
-    # thread at LLaMA row lengths, best or within 5% of best at each.
+    # (benchmarks/tune_mask.py, results/h100/round2): 1.08-1.9x faster than 16 keys per
+    # thread at LLaMA row lengths (4096 to 28672 columns), and the best variant at each.
     return int(min(32, max(1, block_n // (32 * 128))))
 
 
