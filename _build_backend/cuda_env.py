@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
+
+
+def _load_env_module():
+    """wanda_kernels/_env.py, loaded by path: importing the package would need torch."""
+    path = Path(__file__).resolve().parent.parent / "wanda_kernels" / "_env.py"
+    spec = importlib.util.spec_from_file_location("_wanda_kernels_env", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+env_flag = _load_env_module().env_flag
 
 SKIP_ENV = "WANDA_KERNELS_SKIP_CUDA_BUILD"
 ARCHS_ENV = "WANDA_KERNELS_CUDA_ARCHS"
@@ -25,7 +38,7 @@ def find_nvcc() -> str | None:
 
 def skip_reason() -> str | None:
     """Why the CUDA extension is not built, or None when it is."""
-    if os.environ.get(SKIP_ENV, "").strip() in ("1", "true", "yes", "on"):
+    if env_flag(SKIP_ENV):
         return f"{SKIP_ENV}=1 is set"
     if find_nvcc() is None:
         return "no CUDA compiler (nvcc) found on PATH, in $CUDA_HOME or $CUDACXX"

@@ -143,8 +143,8 @@ def main(argv=None) -> int:
             tok_s, dense_out[b, mode] = decode_tokens_per_s(layers, b, *dims, graph=mode == "graph")
             rows.append(dict(batch=b, mode=mode, dense_tok_s=tok_s))
     replaced = wk.sparsify_(layers)
-    backend = layers[0].q_proj.backend()
-    log.info("sparsify_ replaced %d linear layers (backend: %s)", len(replaced), backend)
+    kernel = layers[0].q_proj.kernel()
+    log.info("sparsify_ replaced %d linear layers (kernel: %s)", len(replaced), kernel)
     for row in rows:
         row["sparse_tok_s"], sparse_out = decode_tokens_per_s(layers, row["batch"], *dims,
                                                               graph=row["mode"] == "graph")
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
         row["outputs_match"] = row["rel_diff_vs_dense"] < 5e-2  # False for NaN too
         row["speedup"] = row["sparse_tok_s"] / row["dense_tok_s"]
         row.update(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, context=args.context,
-                   steps=args.steps, dtype=args.dtype, sparse_backend=backend)
+                   steps=args.steps, dtype=args.dtype, sparse_kernel=kernel)
     print(format_table(rows, [("batch", "batch", "d"), ("mode", "mode", ""), ("dense_tok_s", "dense tok/s", ".1f"),
                               ("sparse_tok_s", "2:4 tok/s", ".1f"), ("speedup", "speedup", ".2f"),
                               ("rel_diff_vs_dense", "rel diff", ".2e")]))

@@ -47,7 +47,7 @@ from _common import (
     tflops,
     write_results,
 )
-from wanda_kernels.sparse_linear import SM90_CONFIGS
+from wanda_kernels.gemm24 import SM90_CONFIGS
 
 log = logging.getLogger("gemm_2to4")
 
@@ -89,7 +89,7 @@ def torch_semi_structured(weight: torch.Tensor, only: str | None = None) -> list
 
 def kernels_here(device: torch.device) -> dict[str, bool]:
     """Which of our kernels can run alone on ``device``."""
-    from wanda_kernels._ext import extension, runs_on, sm90_built
+    from wanda_kernels.gemm24 import extension, runs_on, sm90_built
 
     if device.type != "cuda" or extension() is None:
         return {"sm80": False, "sm90": False}
@@ -122,14 +122,8 @@ def run_case(model, layer, shape, tokens, dtype, device, kernels, bandwidth):
     import copy
 
     import wanda_kernels as wk
+    from wanda_kernels.gemm24 import launch_sm80, launch_sm90, pad_input, sm80_tokens
     from wanda_kernels.sparse24 import meta_sm80_to_sm90
-    from wanda_kernels.sparse_linear import (
-        _TOKEN_MULTIPLE,
-        _padded_input,
-        _round_up,
-        launch_sparse24_gemm,
-        launch_sparse24_sm90,
-    )
 
     out_f, in_f = shape
     g = torch.Generator(device=device).manual_seed(0)
@@ -163,7 +157,7 @@ def run_case(model, layer, shape, tokens, dtype, device, kernels, bandwidth):
     check("dense", F.linear(x, weight))
     timings["dense"] = time_fns("dense", [lambda w=w: F.linear(x, w) for w in weights])
     sl = wk.SparseLinear.from_linear(lin)
-    row["ours_backend"] = sl.backend()
+    row["ours_kernel"] = sl.kernel()
     check("ours", sl(x))
     sls = [sl] + [copy.deepcopy(sl) for _ in range(n_copies - 1)]
     timings["ours"] = time_fns("ours", [lambda m=m: m(x) for m in sls])
@@ -174,20 +168,20 @@ def run_case(model, layer, shape, tokens, dtype, device, kernels, bandwidth):
         values, meta80 = wk.compress_24(weight)
         vals = [values] + [values.clone() for _ in range(n_copies - 1)]
     if kernels["sm80"]:  # the kernel alone, into preallocated buffers (no padding, no output pass)
-        xb = _padded_input(x, _round_up(tokens, _TOKEN_MULTIPLE), in_f)
+        xb = pad_input(x, sm80_tokens(tokens), in_f)
         d = torch.empty(out_f, xb.shape[0], dtype=dtype, device=device)
-        launch_sparse24_gemm(values, meta80, xb, d)
+        launch_sm80(values, meta80, xb, d)
         check("sm80", d[:, :tokens].t())
-        timings["sm80"] = time_fns("sm80", [lambda v=v: launch_sparse24_gemm(v, meta80, xb, d) for v in vals])
+        timings["sm80"] = time_fns("sm80", [lambda v=v: launch_sm80(v, meta80, xb, d) for v in vals])
     if kernels["sm90"]:
         meta90 = meta_sm80_to_sm90(meta80, out_f, in_f)
         y = torch.empty(tokens, out_f, dtype=dtype, device=device)
         for cfg in SM90_CONFIGS:
             y.fill_(float("nan"))
-            launch_sparse24_sm90(values, meta90, x, y, None, cfg)
+            launch_sm90(values, meta90, x, y, None, cfg)
             check(f"sm90_{cfg}", y)
             timings[f"sm90_{cfg}"] = time_fns(
-                f"sm90_{cfg}", [lambda v=v, cfg=cfg: launch_sparse24_sm90(v, meta90, x, y, None, cfg) for v in vals])
+                f"sm90_{cfg}", [lambda v=v, cfg=cfg: launch_sm90(v, meta90, x, y, None, cfg) for v in vals])
         row["sm90_best"] = min(SM90_CONFIGS, key=lambda c: timings[f"sm90_{c}"])
         timings["sm90"] = timings[f"sm90_{row['sm90_best']}"]
     for backend, sparse_w in torch_semi_structured(weight) if device.type == "cuda" else []:
@@ -332,7 +326,7 @@ def main(argv=None) -> int:
     refused = sorted({f"{k[:-6]}: {v}" for r in rows for k, v in r.items() if k.endswith("_error")})
     fastest = sorted({r.get("torch_best") for r in rows} - {None})
     print(f"\nPyTorch 2:4 backends fastest in some case: {fastest}; refused: {refused or 'none'}")
-    print(f"SparseLinear backend: {'; '.join(sorted({r['ours_backend'] for r in rows}))}")
+    print(f"SparseLinear kernel: {'; '.join(sorted({r['ours_kernel'] for r in rows}))}")
     json_path = write_results(result_name, env, rows, args.out_dir)
     csv_path = json_path.with_suffix(".csv")
     with open(csv_path, "w", newline="") as fh:

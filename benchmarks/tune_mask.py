@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         return 2
     import wanda_kernels as wk
     from wanda_kernels import reference
-    from wanda_kernels.kernels.wanda_mask import _wanda_mask_kernel, _wanda_nm_mask_kernel
+    from wanda_kernels.kernels.wanda_mask import wanda_mask_kernel, wanda_nm_mask_kernel
 
     device = torch.device("cuda")
     rows = []
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
             def unstructured(write_mask=False, nw=nw):
                 # Timed as prune_ runs it: pruning a copy in place (idempotent: the pruned
                 # zeros score lowest again). Checked once on the mask output.
-                _wanda_mask_kernel[(out_f,)](w if write_mask else wt, norms, mask.view(torch.uint8), in_f, k,
+                wanda_mask_kernel[(out_f,)](w if write_mask else wt, norms, mask.view(torch.uint8), in_f, k,
                                              w.stride(0), w.stride(1), mask.stride(0), USE_NORMS=True,
                                              WRITE_WEIGHT=not write_mask, WRITE_MASK=write_mask, BLOCK_N=block_n,
                                              num_warps=nw)
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                     grid = (out_f, triton.cdiv(in_f // m, block_g))
 
                     def nm_kernel(write_mask=False, nw=nw, block_g=block_g, grid=grid, n=n, m=m, m_pad=m_pad):
-                        _wanda_nm_mask_kernel[grid](w if write_mask else wt, norms, mask.view(torch.uint8), in_f,
+                        wanda_nm_mask_kernel[grid](w if write_mask else wt, norms, mask.view(torch.uint8), in_f,
                                                     w.stride(0), w.stride(1), mask.stride(0), N=n, M=m, M_PAD=m_pad,
                                                     BLOCK_G=block_g, USE_NORMS=True, WRITE_WEIGHT=not write_mask,
                                                     WRITE_MASK=write_mask, num_warps=nw)

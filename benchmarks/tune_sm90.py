@@ -3,7 +3,7 @@
 Times every sm90a configuration of wanda_kernels._C alone (no SparseLinear host
 work) over a fine sweep of token counts on a few LLaMA shapes, with cuBLAS dense in
 the same run, and prints for each (shape, tokens) the winner. The dispatch table in
-``wanda_kernels/sparse_linear.py`` (``SM90_DISPATCH``) is read off this output; the JSON
+``wanda_kernels/gemm24/policy.py`` (``SM90_DISPATCH``) is read off this output; the JSON
 keeps the raw times. Decode sizes (<= 512 tokens) are timed as CUDA-graph replays
 rotating through weight copies larger than L2, larger ones with do_bench. Every
 configuration's output is checked against fp32 F.linear before it is timed.
@@ -34,7 +34,7 @@ def host_overhead(device, dtype, calls: int = 200) -> dict:
     import time
 
     import wanda_kernels as wk
-    from wanda_kernels.sparse_linear import _sm90_linear, launch_sparse24_sm90
+    from wanda_kernels.gemm24 import launch_sm90, sm90_linear
 
     lin = torch.nn.Linear(4096, 4096, bias=False, device=device, dtype=dtype)
     wk.prune_(lin, torch.rand(4096, device=device) + 0.1, pattern="2:4")
@@ -46,8 +46,8 @@ def host_overhead(device, dtype, calls: int = 200) -> dict:
         "SparseLinear.forward": lambda: sl(x),
         "torch.ops custom op": lambda: torch.ops.wanda_kernels.sparse24_linear(x, sl.values, sl.meta, None, 4096,
                                                                                sl.meta_format),
-        "_sm90_linear": lambda: _sm90_linear(x, sl.values, sl.meta, None, 4096),
-        "launch_sparse24_sm90 (decode)": lambda: launch_sparse24_sm90(sl.values, sl.meta, x, y, None, "decode"),
+        "sm90_linear": lambda: sm90_linear(x, sl.values, sl.meta, None, 4096),
+        "launch_sm90 (decode)": lambda: launch_sm90(sl.values, sl.meta, x, y, None, "decode"),
     }
     out = {}
     with torch.no_grad():
@@ -74,8 +74,7 @@ def main(argv=None) -> int:
         print("tune_sm90.py needs a compute capability 9.0 GPU (H100/H200)", file=sys.stderr)
         return 2
     import wanda_kernels as wk
-    from wanda_kernels._ext import sm90_built
-    from wanda_kernels.sparse_linear import SM90_CONFIGS, launch_sparse24_sm90
+    from wanda_kernels.gemm24 import SM90_CONFIGS, launch_sm90, sm90_built
 
     if not sm90_built():
         print("this build of wanda_kernels._C has no sm90a kernels", file=sys.stderr)
@@ -107,12 +106,12 @@ def main(argv=None) -> int:
             for cfg in SM90_CONFIGS:
                 try:
                     y.fill_(float("nan"))
-                    launch_sparse24_sm90(values, meta90, x, y, None, cfg)
+                    launch_sm90(values, meta90, x, y, None, cfg)
                     err = float((y.float() - ref).abs().max())
                     if not err <= bound:
                         row[f"{cfg}_error"] = f"max error {err:.3g} > {bound:.3g}"
                         continue
-                    row[f"{cfg}_ms"] = timed([lambda v=v, cfg=cfg: launch_sparse24_sm90(v, meta90, x, y, None, cfg)
+                    row[f"{cfg}_ms"] = timed([lambda v=v, cfg=cfg: launch_sm90(v, meta90, x, y, None, cfg)
                                               for v in vals])
                 except RuntimeError as exc:
                     row[f"{cfg}_error"] = str(exc)[:200]

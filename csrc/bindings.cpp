@@ -7,7 +7,7 @@
 
 #include "checks.h"
 #include "cutlass/version.h"
-#include "sparse24_gemm.h"
+#include "sparse24_sm80.h"
 #include "sparse24_sm90.h"
 
 namespace py = pybind11;
@@ -15,25 +15,14 @@ using namespace wanda_kernels;
 
 namespace {
 
-DType to_dtype(int dtype) {
-  WK_CHECK(dtype == 0 || dtype == 1, "dtype must be 0 (float16) or 1 (bfloat16); got ", dtype);
-  return static_cast<DType>(dtype);
-}
-
-Config to_config(int config) {
-  WK_CHECK(config == 0 || config == 1, "config must be 0 (decode) or 1 (large); got ", config);
-  return static_cast<Config>(config);
-}
-
-Sparse24Problem make_problem(Config config, int m, int n, int k, std::uintptr_t values, std::uintptr_t meta,
-                             std::uintptr_t x, std::int64_t ldb, std::uintptr_t out, std::int64_t ldd) {
+Sm80Problem make_sm80_problem(Sm80Config config, int m, int n, int k, std::uintptr_t values, std::uintptr_t meta,
+                              std::uintptr_t x, std::int64_t ldb, std::uintptr_t out, std::int64_t ldd) {
   int tb_m, tb_n, tb_k, align_n;
-  config_shape(config, &tb_m, &tb_n, &tb_k, &align_n);
+  sm80_config_shape(config, &tb_m, &tb_n, &tb_k, &align_n);
   WK_CHECK_MULTIPLE("m (out_features)", m, 32);
   WK_CHECK_MULTIPLE("k (in_features)", k, tb_k);
   WK_CHECK(n > 0, "n (tokens) must be positive; got ", n);
-  WK_CHECK(n % align_n == 0, "n (tokens) must be a multiple of ", align_n, " for config ",
-           static_cast<int>(config), "; got ", n);
+  WK_CHECK(n % align_n == 0, "n (tokens) must be a multiple of ", align_n, "; got ", n);
   WK_CHECK_PTR("values", values, 16);
   WK_CHECK_PTR("meta", meta, 16);
   WK_CHECK_PTR("x", x, 16);
@@ -41,18 +30,12 @@ Sparse24Problem make_problem(Config config, int m, int n, int k, std::uintptr_t 
   WK_CHECK(ldb >= k && ldb % 8 == 0, "x row stride (ldb) must be >= k and a multiple of 8; got ", ldb);
   WK_CHECK(ldd >= n && ldd % align_n == 0, "out row stride (ldd) must be >= n and a multiple of ", align_n,
            "; got ", ldd);
-  return Sparse24Problem{m, n, k, values, meta, x, ldb, out, ldd};
+  return Sm80Problem{m, n, k, values, meta, x, ldb, out, ldd};
 }
 
-Sm90Config to_sm90_config(int config) {
-  WK_CHECK(config >= 0 && config < kSm90NumConfigs, "sm90 config must be 0 (decode), 1 (large), 2 (stream-K) or 3 (wide); got ",
-           config);
-  return static_cast<Sm90Config>(config);
-}
-
-Sparse24Sm90Problem make_sm90_problem(int m, int n, int k, std::uintptr_t values, std::uintptr_t meta,
-                                      std::uintptr_t x, std::int64_t ldx, std::uintptr_t y, std::int64_t ldy,
-                                      std::uintptr_t bias, std::uintptr_t workspace, int sm_count) {
+Sm90Problem make_sm90_problem(int m, int n, int k, std::uintptr_t values, std::uintptr_t meta, std::uintptr_t x,
+                              std::int64_t ldx, std::uintptr_t y, std::int64_t ldy, std::uintptr_t bias,
+                              std::uintptr_t workspace, int sm_count) {
   WK_CHECK_MULTIPLE("m (out_features)", m, 8);  // y rows are TMA-stored: 16-byte multiples
   WK_CHECK_MULTIPLE("k (in_features)", k, 64);  // the values' row length of the shared 2:4 format
   WK_CHECK(n > 0, "n (tokens) must be positive; got ", n);
@@ -64,33 +47,48 @@ Sparse24Sm90Problem make_sm90_problem(int m, int n, int k, std::uintptr_t values
   WK_CHECK(ldx >= k && ldx % 8 == 0, "x row stride (ldx) must be >= k and a multiple of 8; got ", ldx);
   WK_CHECK(ldy >= m && ldy % 8 == 0, "y row stride (ldy) must be >= m and a multiple of 8; got ", ldy);
   WK_CHECK(sm_count > 0, "sm_count must be positive; got ", sm_count);
-  return Sparse24Sm90Problem{m, n, k, values, meta, x, ldx, y, ldy, bias, workspace, sm_count};
+  return Sm90Problem{m, n, k, values, meta, x, ldx, y, ldy, bias, workspace, sm_count};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
   mod.doc() =
-      "CUTLASS 2:4 sparse GEMM: out (m x n, row-major) = W (m x k, compressed 2:4) @ x^T, x (n x k row-major).";
+      "CUTLASS 2:4 sparse GEMM. sm80: out (m x n, row-major) = W (m x k, compressed 2:4) @ x^T; "
+      "sm90: y (n x m, row-major) = x @ W^T + bias; x (n x k) row-major in both.";
+
+  // Enums, not integers, for what selects a kernel: a wrong value fails in pybind's
+  // argument conversion, naming the expected type.
+  py::enum_<DType>(mod, "DType", "Element type of W, x and y (fp32 accumulation).")
+      .value("float16", DType::kFloat16)
+      .value("bfloat16", DType::kBFloat16);
+  py::enum_<Sm80Config>(mod, "Sm80Config", "Tile configuration of the sm80 kernel.")
+      .value("decode", Sm80Config::kDecode)
+      .value("large", Sm80Config::kLarge);
+  py::enum_<Sm90Config>(mod, "Sm90Config", "Tile configuration of the sm90a kernels.")
+      .value("decode", Sm90Config::kDecode)
+      .value("large", Sm90Config::kLarge)
+      .value("streamk", Sm90Config::kStreamK)
+      .value("wide", Sm90Config::kWide);
 
   mod.def(
-      "sparse24_gemm",
-      [](int dtype, int config, int m, int n, int k, std::uintptr_t values, std::uintptr_t meta, std::uintptr_t x,
-         std::int64_t ldb, std::uintptr_t out, std::int64_t ldd, std::uintptr_t stream) {
-        auto p = make_problem(to_config(config), m, n, k, values, meta, x, ldb, out, ldd);
+      "sm80_gemm",
+      [](DType dtype, Sm80Config config, int m, int n, int k, std::uintptr_t values, std::uintptr_t meta,
+         std::uintptr_t x, std::int64_t ldb, std::uintptr_t out, std::int64_t ldd, std::uintptr_t stream) {
+        auto p = make_sm80_problem(config, m, n, k, values, meta, x, ldb, out, ldd);
         py::gil_scoped_release release;  // the launch is asynchronous; nothing Python-side is touched
-        return sparse24_gemm(to_dtype(dtype), to_config(config), p, reinterpret_cast<void*>(stream));
+        return sm80_gemm(dtype, config, p, reinterpret_cast<void*>(stream));
       },
       py::arg("dtype"), py::arg("config"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values"),
       py::arg("meta"), py::arg("x"), py::arg("ldb"), py::arg("out"), py::arg("ldd"), py::arg("stream"),
       "Launch on `stream`; returns a cutlass::Status code (0 = success).");
 
   mod.def(
-      "can_implement",
-      [](int dtype, int config, int m, int n, int k, std::uintptr_t values, std::uintptr_t meta, std::uintptr_t x,
-         std::int64_t ldb, std::uintptr_t out, std::int64_t ldd) {
-        auto p = make_problem(to_config(config), m, n, k, values, meta, x, ldb, out, ldd);
-        return sparse24_can_implement(to_dtype(dtype), to_config(config), p);
+      "sm80_can_implement",
+      [](DType dtype, Sm80Config config, int m, int n, int k, std::uintptr_t values, std::uintptr_t meta,
+         std::uintptr_t x, std::int64_t ldb, std::uintptr_t out, std::int64_t ldd) {
+        auto p = make_sm80_problem(config, m, n, k, values, meta, x, ldb, out, ldd);
+        return sm80_can_implement(dtype, config, p);
       },
       py::arg("dtype"), py::arg("config"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values"),
       py::arg("meta"), py::arg("x"), py::arg("ldb"), py::arg("out"), py::arg("ldd"),
@@ -99,12 +97,12 @@ PYBIND11_MODULE(_C, mod) {
   // Hopper (sm90a): y (n x m) = x (n x k) @ W^T + bias, W compressed with sm90 metadata.
   mod.def(
       "sm90_gemm",
-      [](int dtype, int config, int m, int n, int k, std::uintptr_t values, std::uintptr_t meta, std::uintptr_t x,
-         std::int64_t ldx, std::uintptr_t y, std::int64_t ldy, std::uintptr_t bias, std::uintptr_t workspace,
-         int sm_count, std::uintptr_t stream) {
+      [](DType dtype, Sm90Config config, int m, int n, int k, std::uintptr_t values, std::uintptr_t meta,
+         std::uintptr_t x, std::int64_t ldx, std::uintptr_t y, std::int64_t ldy, std::uintptr_t bias,
+         std::uintptr_t workspace, int sm_count, std::uintptr_t stream) {
         auto p = make_sm90_problem(m, n, k, values, meta, x, ldx, y, ldy, bias, workspace, sm_count);
         py::gil_scoped_release release;
-        return sm90_gemm(to_dtype(dtype), to_sm90_config(config), p, reinterpret_cast<void*>(stream));
+        return sm90_gemm(dtype, config, p, reinterpret_cast<void*>(stream));
       },
       py::arg("dtype"), py::arg("config"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values"),
       py::arg("meta"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"), py::arg("bias"),
@@ -113,10 +111,10 @@ PYBIND11_MODULE(_C, mod) {
 
   mod.def(
       "sm90_can_implement",
-      [](int dtype, int config, int m, int n, int k, std::uintptr_t values, std::uintptr_t meta, std::uintptr_t x,
-         std::int64_t ldx, std::uintptr_t y, std::int64_t ldy, std::uintptr_t bias, int sm_count) {
+      [](DType dtype, Sm90Config config, int m, int n, int k, std::uintptr_t values, std::uintptr_t meta,
+         std::uintptr_t x, std::int64_t ldx, std::uintptr_t y, std::int64_t ldy, std::uintptr_t bias, int sm_count) {
         auto p = make_sm90_problem(m, n, k, values, meta, x, ldx, y, ldy, bias, 0, sm_count);
-        return sm90_can_implement(to_dtype(dtype), to_sm90_config(config), p);
+        return sm90_can_implement(dtype, config, p);
       },
       py::arg("dtype"), py::arg("config"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values"),
       py::arg("meta"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"), py::arg("bias"),
@@ -124,34 +122,33 @@ PYBIND11_MODULE(_C, mod) {
 
   mod.def(
       "sm90_workspace_size",
-      [](int dtype, int config, int m, int n, int k, int sm_count) {
+      [](DType dtype, Sm90Config config, int m, int n, int k, int sm_count) {
         // Pointers do not enter the size; aligned placeholders pass the checks.
         auto p = make_sm90_problem(m, n, k, 16, 16, 16, k, 16, m, 0, 0, sm_count);
-        return sm90_workspace_size(to_dtype(dtype), to_sm90_config(config), p);
+        return sm90_workspace_size(dtype, config, p);
       },
       py::arg("dtype"), py::arg("config"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("sm_count"),
       "Bytes of device workspace an sm90a launch needs (0 for the data-parallel configurations).");
 
   mod.def(
       "sm90_config_shape",
-      [](int config) {
-        int tile_m, tile_n, tile_k;
-        sm90_config_shape(to_sm90_config(config), &tile_m, &tile_n, &tile_k);
-        return py::make_tuple(tile_m, tile_n, tile_k);
+      [](Sm90Config config) {
+        auto tile = sm90_tile_shape(config);
+        return py::make_tuple(tile.m, tile.n, tile.k);
       },
       py::arg("config"), "(tile M, N, K) of an sm90a configuration.");
 
   mod.def(
       "sm90_compress_workspace_size",
-      [](int dtype, int m, int k, int sm_count) {
-        return sm90_compress_workspace_size(to_dtype(dtype), m, k, sm_count);
+      [](DType dtype, int m, int k, int sm_count) {
+        return sm90_compress_workspace_size(dtype, m, k, sm_count);
       },
       py::arg("dtype"), py::arg("m"), py::arg("k"), py::arg("sm_count"),
       "Bytes of device workspace CUTLASS's sm90 compressor needs.");
 
   mod.def(
       "sm90_compress",
-      [](int dtype, int m, int k, std::uintptr_t dense, std::uintptr_t values, std::uintptr_t meta,
+      [](DType dtype, int m, int k, std::uintptr_t dense, std::uintptr_t values, std::uintptr_t meta,
          std::uintptr_t workspace, int sm_count, std::uintptr_t stream) {
         WK_CHECK_MULTIPLE("m", m, 64);
         WK_CHECK_MULTIPLE("k", k, 128);
@@ -160,7 +157,7 @@ PYBIND11_MODULE(_C, mod) {
         WK_CHECK_PTR("meta", meta, 16);
         WK_CHECK(sm_count > 0, "sm_count must be positive; got ", sm_count);
         py::gil_scoped_release release;
-        return sm90_compress(to_dtype(dtype), m, k, dense, values, meta, workspace, sm_count,
+        return sm90_compress(dtype, m, k, dense, values, meta, workspace, sm_count,
                              reinterpret_cast<void*>(stream));
       },
       py::arg("dtype"), py::arg("m"), py::arg("k"), py::arg("dense"), py::arg("values"), py::arg("meta"),
@@ -172,10 +169,10 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("status_string", &status_string, py::arg("status"), "cutlass::Status code as text.");
 
   mod.def(
-      "config_shape",
-      [](int config) {
+      "sm80_config_shape",
+      [](Sm80Config config) {
         int tb_m, tb_n, tb_k, align_n;
-        config_shape(to_config(config), &tb_m, &tb_n, &tb_k, &align_n);
+        sm80_config_shape(config, &tb_m, &tb_n, &tb_k, &align_n);
         return py::make_tuple(tb_m, tb_n, tb_k, align_n);
       },
       py::arg("config"), "(threadblock M, N, K, N alignment) of a tile configuration.");

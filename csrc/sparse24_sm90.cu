@@ -1,11 +1,14 @@
 // CUTLASS 3.x sm90a 2:4 sparse GEMM (sparse wgmma, TMA, warp-specialized), fp16/bf16
 // with fp32 accumulation. See sparse24_sm90.h for the operands.
 //
-// This file is compiled once per (dtype, configuration), with -DWK_SM90_DTYPE and
-// -DWK_SM90_CONFIG, and only for -gencode=arch=compute_90a,code=sm_90a: each kernel
+// This file is compiled once per (dtype, configuration), with
+// -DWK_SM90_DTYPE=wanda_kernels::DType::k... -DWK_SM90_CONFIG=wanda_kernels::Sm90Config::k...
+// (CMakeLists.txt), and only for -gencode=arch=compute_90a,code=sm_90a: each kernel
 // takes minutes and gigabytes to compile, so one translation unit each lets the build
 // run them in parallel (or not) as memory allows. Plain sm_90 would compile the
 // kernel body to an "Arch conditional MMA instruction" abort, so it is never built.
+// Each unit explicitly instantiates Sm90Kernel<WK_SM90_DTYPE, WK_SM90_CONFIG> (and,
+// with -DWK_SM90_WITH_COMPRESSOR=1, CUTLASS's compressor for the dtype);
 // sparse24_sm90_dispatch.cpp picks among the instances at run time.
 #include <cuda_runtime.h>
 
@@ -24,10 +27,9 @@
 #include "cutlass/transform/kernel/sparse_gemm_compressor.hpp"
 #include "cutlass/util/packed_stride.hpp"
 #include "sparse24_sm90.h"
-#include "sparse24_sm90_instances.h"
 
 #if !defined(WK_SM90_DTYPE) || !defined(WK_SM90_CONFIG)
-#error "compile with -DWK_SM90_DTYPE=<0|1> -DWK_SM90_CONFIG=<0|1|2> (CMakeLists.txt does)"
+#error "compile with -DWK_SM90_DTYPE=wanda_kernels::DType::k... -DWK_SM90_CONFIG=wanda_kernels::Sm90Config::k..."
 #endif
 
 namespace wanda_kernels {
@@ -35,72 +37,80 @@ namespace {
 
 using namespace cute;
 
-// The device the caller made current (the tensors' device) and its multiprocessors.
-cutlass::KernelHardwareInfo current_device_info(int sm_count) {
+// The device the caller made current (the tensors' device) and its multiprocessors;
+// false when the CUDA runtime cannot say which device is current.
+bool current_device_info(int sm_count, cutlass::KernelHardwareInfo* info) {
+  if (cudaGetDevice(&info->device_id) != cudaSuccess) return false;
+  info->sm_count = sm_count;
+  return true;
+}
+
+// Host-side checks and sizes: no device is involved, its id is not read.
+cutlass::KernelHardwareInfo host_info(int sm_count) {
   cutlass::KernelHardwareInfo info;
-  cudaGetDevice(&info.device_id);
   info.sm_count = sm_count;
   return info;
 }
 
-template <int Dtype>
+template <DType D>
 struct ElementOf;
 template <>
-struct ElementOf<0> {
+struct ElementOf<DType::kFloat16> {
   using type = cutlass::half_t;
 };
 template <>
-struct ElementOf<1> {
+struct ElementOf<DType::kBFloat16> {
   using type = cutlass::bfloat16_t;
 };
 
-// Tile, cluster, mainloop schedule, epilogue schedule and tile scheduler per config.
-template <int Config>
+// A configuration's tile shape, from the one table in sparse24_sm90.h.
+template <Sm90Config C>
+using TileShapeOf = Shape<Int<sm90_tile_shape(C).m>, Int<sm90_tile_shape(C).n>, Int<sm90_tile_shape(C).k>>;
+
+// Cluster, mainloop schedule, epilogue schedule and tile scheduler per configuration.
+template <Sm90Config C>
 struct Sm90Tile;
 template <>
-struct Sm90Tile<0> {  // decode: small M tile so a 4096-row weight gives 64 tiles; K 256 for long TMA bursts
-  using TileShape = Shape<_64, _32, _256>;
+struct Sm90Tile<Sm90Config::kDecode> {  // few tokens: one consumer warp group per 64-row tile
   using ClusterShape = Shape<_1, _1, _1>;
   using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecialized;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
   using TileScheduler = void;  // persistent, data-parallel
 };
 template <>
-struct Sm90Tile<1> {  // many tokens: CUTLASS example 62's tile; the 1x2 cluster multicasts W tiles
-  using TileShape = Shape<_128, _128, _128>;
+struct Sm90Tile<Sm90Config::kLarge> {  // many tokens: the 1x2 cluster multicasts W tiles
   using ClusterShape = Shape<_1, _2, _1>;
   using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
   using TileScheduler = void;
 };
 template <>
-struct Sm90Tile<2> {  // decode, stream-K: splits K across CTAs when output tiles are fewer than SMs
-  using TileShape = Shape<_128, _32, _256>;
+struct Sm90Tile<Sm90Config::kStreamK> {  // splits K across CTAs when output tiles are fewer than SMs
   using ClusterShape = Shape<_1, _1, _1>;
   using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
   using TileScheduler = cutlass::gemm::StreamKScheduler;
 };
 template <>
-struct Sm90Tile<3> {  // many tokens, wide: 128 x 256 output tiles halve the W re-reads of config 1;
-                      // the 2x1 cluster multicasts each x tile to the two CTAs of neighbouring W rows
-  using TileShape = Shape<_128, _256, _128>;
+struct Sm90Tile<Sm90Config::kWide> {  // many tokens: the 2x1 cluster multicasts each x tile to the
+                                      // two CTAs of neighbouring W rows
   using ClusterShape = Shape<_2, _1, _1>;
   using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
   using TileScheduler = void;
 };
 
-template <int Dtype, int Config>
+template <DType D, Sm90Config C>
 struct Sm90Gemm {
-  using Element = typename ElementOf<Dtype>::type;
-  using Tile = Sm90Tile<Config>;
+  using Element = typename ElementOf<D>::type;
+  using TileShape = TileShapeOf<C>;
+  using Tile = Sm90Tile<C>;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte TMA granularity
 
   // y^T = D (M x N, column-major) = W x^T + bias per row: y (N x M) row-major.
   using FusionOp = cutlass::epilogue::fusion::LinCombPerRowBias<Element, float, Element, Element, float>;
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, typename Tile::TileShape,
+      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, TileShape,
       typename Tile::ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, float, float,
       void, cutlass::layout::ColumnMajor, kAlign,      // no C operand: beta is 0, no source read
       Element, cutlass::layout::ColumnMajor, kAlign,   // D
@@ -110,7 +120,7 @@ struct Sm90Gemm {
       cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp,
       Element, cutlass::layout::RowMajor, kAlign,      // A: W, K-major, 2:4 compressed
       Element, cutlass::layout::ColumnMajor, kAlign,   // B: x^T, K-major
-      float, typename Tile::TileShape, typename Tile::ClusterShape,
+      float, TileShape, typename Tile::ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       typename Tile::MainloopSchedule>::CollectiveOp;
@@ -131,7 +141,7 @@ struct Sm90Gemm {
   static_assert(cute::size<1>(typename SparseConfig::TensorEAtom{}) == 128, "metadata atom K must be 128");
   static_assert(cute::size<0>(typename SparseConfig::TensorEAtom{}) == 64, "metadata atom M must be 64");
 
-  static typename Gemm::Arguments arguments(Sparse24Sm90Problem const& p) {
+  static typename Gemm::Arguments arguments(Sm90Problem const& p, cutlass::KernelHardwareInfo const& info) {
     auto problem = make_shape(p.m, p.n, p.k, 1);
     auto layout_a = SparseConfig::fill_layoutA(problem);
     auto layout_e = SparseConfig::fill_layoutE(problem);
@@ -145,7 +155,7 @@ struct Sm90Gemm {
         {reinterpret_cast<Element const*>(p.values), layout_a, reinterpret_cast<Element const*>(p.x), stride_b,
          reinterpret_cast<ElementE const*>(p.meta), layout_e},
         {{}, nullptr, stride_d, reinterpret_cast<Element*>(p.y), stride_d},
-        current_device_info(p.sm_count)};
+        info};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.thread.bias_ptr = reinterpret_cast<Element const*>(p.bias);  // null: no bias
@@ -153,21 +163,27 @@ struct Sm90Gemm {
   }
 };
 
-using Instance = Sm90Gemm<WK_SM90_DTYPE, WK_SM90_CONFIG>;
-
 }  // namespace
 
-std::size_t WK_SM90_FN(workspace_size)(Sparse24Sm90Problem const& p) {
-  return Instance::Gemm::get_workspace_size(Instance::arguments(p));
+template <DType D, Sm90Config C>
+std::size_t Sm90Kernel<D, C>::workspace_size(Sm90Problem const& p) {
+  using G = Sm90Gemm<D, C>;
+  return G::Gemm::get_workspace_size(G::arguments(p, host_info(p.sm_count)));
 }
 
-int WK_SM90_FN(can_implement)(Sparse24Sm90Problem const& p) {
-  return static_cast<int>(Instance::Gemm::can_implement(Instance::arguments(p)));
+template <DType D, Sm90Config C>
+int Sm90Kernel<D, C>::can_implement(Sm90Problem const& p) {
+  using G = Sm90Gemm<D, C>;
+  return static_cast<int>(G::Gemm::can_implement(G::arguments(p, host_info(p.sm_count))));
 }
 
-int WK_SM90_FN(run)(Sparse24Sm90Problem const& p, void* stream) {
-  typename Instance::Gemm gemm;
-  auto args = Instance::arguments(p);
+template <DType D, Sm90Config C>
+int Sm90Kernel<D, C>::run(Sm90Problem const& p, void* stream) {
+  using G = Sm90Gemm<D, C>;
+  cutlass::KernelHardwareInfo info;
+  if (!current_device_info(p.sm_count, &info)) return static_cast<int>(cutlass::Status::kErrorInternal);
+  typename G::Gemm gemm;
+  auto args = G::arguments(p, info);
   auto status = gemm.can_implement(args);
   if (status != cutlass::Status::kSuccess) return static_cast<int>(status);
   auto s = static_cast<cudaStream_t>(stream);
@@ -176,36 +192,44 @@ int WK_SM90_FN(run)(Sparse24Sm90Problem const& p, void* stream) {
   return static_cast<int>(gemm.run(s));
 }
 
-#if WK_SM90_CONFIG == 0
-// CUTLASS's own sm90 compressor (dense 2:4 A -> values + E), one per dtype, compiled
-// with the decode configuration. Not used by the library: the GPU tests compare it with
-// wanda_kernels' conversion (matrices that decode the same).
-namespace {
-using Compressor = cutlass::transform::device::TransformUniversalAdapter<
-    cutlass::transform::kernel::StructuredSparseCompressor<Shape<int, int, int, int>, Instance::Element,
-                                                           cutlass::layout::RowMajor, Instance::SparseConfig,
-                                                           cutlass::arch::Sm90>>;
+template struct Sm90Kernel<WK_SM90_DTYPE, WK_SM90_CONFIG>;
 
-Compressor::Arguments compressor_arguments(int m, int k, std::uintptr_t dense, std::uintptr_t values,
-                                           std::uintptr_t meta, int sm_count) {
+#if WK_SM90_WITH_COMPRESSOR
+// CUTLASS's own sm90 compressor (dense 2:4 A -> values + E) for this dtype, with the
+// kernels' sparse configuration. Not used by the library: the GPU tests compare it
+// with wanda_kernels' conversion (matrices that decode the same).
+namespace {
+template <DType D>
+using CompressorOf = cutlass::transform::device::TransformUniversalAdapter<
+    cutlass::transform::kernel::StructuredSparseCompressor<
+        Shape<int, int, int, int>, typename Sm90Gemm<D, WK_SM90_CONFIG>::Element, cutlass::layout::RowMajor,
+        typename Sm90Gemm<D, WK_SM90_CONFIG>::SparseConfig, cutlass::arch::Sm90>>;
+
+template <DType D>
+typename CompressorOf<D>::Arguments compressor_arguments(int m, int k, std::uintptr_t dense, std::uintptr_t values,
+                                                         std::uintptr_t meta, cutlass::KernelHardwareInfo const& info) {
   using StrideA = cutlass::gemm::TagToStrideA_t<cutlass::layout::RowMajor>;
   auto problem = make_shape(m, 1, k, 1);
-  return Compressor::Arguments{
+  return typename CompressorOf<D>::Arguments{
       problem,
       {reinterpret_cast<void const*>(dense), cutlass::make_cute_packed_stride(StrideA{}, make_shape(m, k, 1)),
        reinterpret_cast<void*>(values), reinterpret_cast<void*>(meta)},
-      current_device_info(sm_count)};
+      info};
 }
 }  // namespace
 
-std::size_t WK_SM90_FN(compress_workspace_size)(int m, int k, int sm_count) {
-  return Compressor::get_workspace_size(compressor_arguments(m, k, 16, 16, 16, sm_count));
+template <DType D>
+std::size_t Sm90Compressor<D>::workspace_size(int m, int k, int sm_count) {
+  return CompressorOf<D>::get_workspace_size(compressor_arguments<D>(m, k, 16, 16, 16, host_info(sm_count)));
 }
 
-int WK_SM90_FN(compress)(int m, int k, std::uintptr_t dense, std::uintptr_t values, std::uintptr_t meta,
-                         std::uintptr_t workspace, int sm_count, void* stream) {
-  auto args = compressor_arguments(m, k, dense, values, meta, sm_count);
-  Compressor op;
+template <DType D>
+int Sm90Compressor<D>::run(int m, int k, std::uintptr_t dense, std::uintptr_t values, std::uintptr_t meta,
+                           std::uintptr_t workspace, int sm_count, void* stream) {
+  cutlass::KernelHardwareInfo info;
+  if (!current_device_info(sm_count, &info)) return static_cast<int>(cutlass::Status::kErrorInternal);
+  auto args = compressor_arguments<D>(m, k, dense, values, meta, info);
+  CompressorOf<D> op;
   auto status = op.can_implement(args);
   if (status != cutlass::Status::kSuccess) return static_cast<int>(status);
   auto s = static_cast<cudaStream_t>(stream);
@@ -213,6 +237,8 @@ int WK_SM90_FN(compress)(int m, int k, std::uintptr_t dense, std::uintptr_t valu
   if (status != cutlass::Status::kSuccess) return static_cast<int>(status);
   return static_cast<int>(op.run(s));
 }
+
+template struct Sm90Compressor<WK_SM90_DTYPE>;
 #endif
 
 }  // namespace wanda_kernels

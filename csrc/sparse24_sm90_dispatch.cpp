@@ -1,71 +1,81 @@
 // Run-time choice among the sm90a instances of sparse24_sm90.cu. Compiled by the host
 // compiler; WK_HAS_SM90 says whether the build holds the instances (architectures
-// including 90). Without them every entry point reports kErrorArchMismatch.
+// including 90, nvcc 12.0 or later). Without them the workspace size is 0 and every
+// other entry point reports kErrorArchMismatch.
+#include <cstddef>
+
 #include "cutlass/cutlass.h"
 #include "sparse24_sm90.h"
-#include "sparse24_sm90_instances.h"
 
 namespace wanda_kernels {
+namespace {
+
+constexpr int kArchMismatch = static_cast<int>(cutlass::Status::kErrorArchMismatch);
+
+#if WK_HAS_SM90
+// fn(Sm90Kernel<dtype, C>{}): the instance of configuration C for the run-time dtype.
+template <Sm90Config C, typename Fn>
+auto with_dtype(DType dtype, Fn& fn) {
+  return dtype == DType::kFloat16 ? fn(Sm90Kernel<DType::kFloat16, C>{}) : fn(Sm90Kernel<DType::kBFloat16, C>{});
+}
+#endif
+
+// fn(Sm90Kernel<dtype, config>{}), or `fallback` when the build has no sm90a kernels:
+// the one place that names every instance (CMakeLists.txt compiles one unit per case).
+template <typename R, typename Fn>
+R with_instance(DType dtype, Sm90Config config, R fallback, Fn&& fn) {
+#if WK_HAS_SM90
+  switch (config) {
+    case Sm90Config::kDecode: return with_dtype<Sm90Config::kDecode>(dtype, fn);
+    case Sm90Config::kLarge: return with_dtype<Sm90Config::kLarge>(dtype, fn);
+    case Sm90Config::kStreamK: return with_dtype<Sm90Config::kStreamK>(dtype, fn);
+    case Sm90Config::kWide: return with_dtype<Sm90Config::kWide>(dtype, fn);
+  }
+#else
+  static_cast<void>(dtype), static_cast<void>(config), static_cast<void>(fn);
+#endif
+  return fallback;
+}
+
+}  // namespace
 
 bool sm90_built() { return WK_HAS_SM90 != 0; }
 
-void sm90_config_shape(Sm90Config config, int* tile_m, int* tile_n, int* tile_k) {
-  switch (config) {
-    case Sm90Config::kDecode: *tile_m = 64, *tile_n = 32, *tile_k = 256; return;
-    case Sm90Config::kLarge: *tile_m = 128, *tile_n = 128, *tile_k = 128; return;
-    case Sm90Config::kStreamK: *tile_m = 128, *tile_n = 32, *tile_k = 256; return;
-    case Sm90Config::kWide: *tile_m = 128, *tile_n = 256, *tile_k = 128; return;
-  }
-  *tile_m = *tile_n = *tile_k = 0;
+std::size_t sm90_workspace_size(DType dtype, Sm90Config config, Sm90Problem const& p) {
+  return with_instance(dtype, config, std::size_t{0},
+                       [&](auto kernel) { return decltype(kernel)::workspace_size(p); });
 }
 
-#if WK_HAS_SM90
-#define WK_SM90_SWITCH(fn, ...)                                                   \
-  switch (static_cast<int>(dtype) * kSm90NumConfigs + static_cast<int>(config)) { \
-    case 0: return sm90_d0_c0_##fn(__VA_ARGS__);                                  \
-    case 1: return sm90_d0_c1_##fn(__VA_ARGS__);                                  \
-    case 2: return sm90_d0_c2_##fn(__VA_ARGS__);                                  \
-    case 3: return sm90_d0_c3_##fn(__VA_ARGS__);                                  \
-    case 4: return sm90_d1_c0_##fn(__VA_ARGS__);                                  \
-    case 5: return sm90_d1_c1_##fn(__VA_ARGS__);                                  \
-    case 6: return sm90_d1_c2_##fn(__VA_ARGS__);                                  \
-    case 7: return sm90_d1_c3_##fn(__VA_ARGS__);                                  \
-    default: break;                                                               \
-  }
-#else
-#define WK_SM90_SWITCH(fn, ...)
-#endif
-
-std::size_t sm90_workspace_size(DType dtype, Sm90Config config, Sparse24Sm90Problem const& p) {
-  WK_SM90_SWITCH(workspace_size, p)
-  return 0;
+int sm90_can_implement(DType dtype, Sm90Config config, Sm90Problem const& p) {
+  return with_instance(dtype, config, kArchMismatch, [&](auto kernel) { return decltype(kernel)::can_implement(p); });
 }
 
-int sm90_can_implement(DType dtype, Sm90Config config, Sparse24Sm90Problem const& p) {
-  WK_SM90_SWITCH(can_implement, p)
-  return static_cast<int>(cutlass::Status::kErrorArchMismatch);
-}
-
-int sm90_gemm(DType dtype, Sm90Config config, Sparse24Sm90Problem const& p, void* stream) {
-  WK_SM90_SWITCH(run, p, stream)
-  return static_cast<int>(cutlass::Status::kErrorArchMismatch);
+int sm90_gemm(DType dtype, Sm90Config config, Sm90Problem const& p, void* stream) {
+  return with_instance(dtype, config, kArchMismatch, [&](auto kernel) { return decltype(kernel)::run(p, stream); });
 }
 
 std::size_t sm90_compress_workspace_size(DType dtype, int m, int k, int sm_count) {
 #if WK_HAS_SM90
-  if (dtype == DType::kFloat16) return sm90_d0_c0_compress_workspace_size(m, k, sm_count);
-  if (dtype == DType::kBFloat16) return sm90_d1_c0_compress_workspace_size(m, k, sm_count);
-#endif
+  return dtype == DType::kFloat16 ? Sm90Compressor<DType::kFloat16>::workspace_size(m, k, sm_count)
+                                  : Sm90Compressor<DType::kBFloat16>::workspace_size(m, k, sm_count);
+#else
+  static_cast<void>(dtype), static_cast<void>(m), static_cast<void>(k), static_cast<void>(sm_count);
   return 0;
+#endif
 }
 
 int sm90_compress(DType dtype, int m, int k, std::uintptr_t dense, std::uintptr_t values, std::uintptr_t meta,
                   std::uintptr_t workspace, int sm_count, void* stream) {
 #if WK_HAS_SM90
-  if (dtype == DType::kFloat16) return sm90_d0_c0_compress(m, k, dense, values, meta, workspace, sm_count, stream);
-  if (dtype == DType::kBFloat16) return sm90_d1_c0_compress(m, k, dense, values, meta, workspace, sm_count, stream);
+  return dtype == DType::kFloat16
+             ? Sm90Compressor<DType::kFloat16>::run(m, k, dense, values, meta, workspace, sm_count, stream)
+             : Sm90Compressor<DType::kBFloat16>::run(m, k, dense, values, meta, workspace, sm_count, stream);
+#else
+  static_cast<void>(dtype), static_cast<void>(m), static_cast<void>(k), static_cast<void>(dense);
+  static_cast<void>(values), static_cast<void>(meta), static_cast<void>(workspace), static_cast<void>(sm_count);
+  static_cast<void>(stream);
+  return kArchMismatch;
 #endif
-  return static_cast<int>(cutlass::Status::kErrorArchMismatch);
 }
 
 }  // namespace wanda_kernels

@@ -30,23 +30,23 @@ def variants():
         for block_n, use_norms, write_mask in ((256, True, True), (4096, False, False), (16384, True, False)):
             sig = {"w_ptr": f"*{dt}", "norms_ptr": "*fp32", "mask_ptr": "*u8", "n_cols": "i32", "k_prune": "i32", **strides}
             const = {"USE_NORMS": use_norms, "WRITE_WEIGHT": True, "WRITE_MASK": write_mask, "BLOCK_N": block_n}
-            yield "_wanda_mask_kernel", wanda_mask._wanda_mask_kernel, sig, const, wanda_mask._num_warps(block_n)
+            yield "wanda_mask_kernel", wanda_mask.wanda_mask_kernel, sig, const, wanda_mask._num_warps(block_n)
         for n, m in ((2, 4), (4, 8), (1, 3), (16, 32)):
             m_pad = triton.next_power_of_2(m)
             sig = {"w_ptr": f"*{dt}", "norms_ptr": "*fp32", "mask_ptr": "*u8", "n_cols": "i32", **strides}
             const = {"N": n, "M": m, "M_PAD": m_pad, "BLOCK_G": max(1, 4096 // (m_pad * m_pad)),
                      "USE_NORMS": True, "WRITE_WEIGHT": True, "WRITE_MASK": True}
-            yield "_wanda_nm_mask_kernel", wanda_mask._wanda_nm_mask_kernel, sig, const, 4
+            yield "wanda_nm_mask_kernel", wanda_mask.wanda_nm_mask_kernel, sig, const, 4
         sig = {"x_ptr": f"*{dt}", "partial_ptr": "*fp32", "n_tokens": "i32", "n_cols": "i32",
                "stride_xt": "i64", "stride_xc": "i64"}
         const = {"BLOCK_T": act_norms._BLOCK_T, "BLOCK_C": act_norms._BLOCK_C, "ITERS": act_norms._MAX_ITERS}
-        yield "_sq_norms_kernel", act_norms._sq_norms_kernel, sig, const, 4
+        yield "sq_norms_kernel", act_norms.sq_norms_kernel, sig, const, 4
         if dt != "fp32":  # the 2:4 format is for 16-bit weights
             sig = {"w_ptr": f"*{dt}", "norms_ptr": "*fp32", "values_ptr": "*i16", "meta_ptr": "*i16",
                    "n_rows": "i32", "e_rows": "i32", "n_cols": "i32", "stride_wr": "i64", "stride_wc": "i64"}
             for meta_sm90 in (False, True):
                 const = {"USE_NORMS": True, "META_SM90": meta_sm90, "BLOCK_E": prune_compress._BLOCK_E}
-                yield "_prune_compress_24_kernel", prune_compress._prune_compress_24_kernel, sig, const, 4
+                yield "prune_compress_24_kernel", prune_compress.prune_compress_24_kernel, sig, const, 4
 
 
 def main():

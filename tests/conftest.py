@@ -16,11 +16,13 @@ import importlib.util  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+from wanda_kernels._env import env_flag  # noqa: E402  (imports no Triton and touches no GPU)
+
+INTERPRETING = env_flag("TRITON_INTERPRET")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # In CI (CI=true) a missing Triton fails the Triton tests instead of skipping them, so
 # a broken install step cannot turn the kernel tests into silent skips.
-STRICT = os.environ.get("CI", "").lower() == "true"
+STRICT = env_flag("CI")
 
 
 def pytest_configure(config):

@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from test_pipeline import _assets_or_skip, calib_ids, tiny_model  # noqa: E402
 
-from wanda_kernels import checkpoint, data, models, pipeline  # noqa: E402
-from wanda_kernels.cli import main as cli_main  # noqa: E402
+from wanda_kernels.llm import checkpoint, data, models, pipeline  # noqa: E402
+from wanda_kernels.llm.cli import main as cli_main  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Data
@@ -97,9 +97,9 @@ def test_compressed_24_checkpoint_loads_into_sparse_linear(tmp_path):
     assert len(sparse) == 3 * 7
     dense16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float16).eval()
     ids = calib_ids(n=2, seed=6)
-    from wanda_kernels import sparse_linear
+    from wanda_kernels.gemm24 import op as gemm_op
 
-    sparse_linear._warn_once.cache_clear()
+    gemm_op._warn_once.cache_clear()
     with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"dense F\.linear .* the input is on cpu"):
         a = loaded(ids).logits.float()  # on CPU: the documented fallback, announced once
     with torch.no_grad():
@@ -139,7 +139,7 @@ def test_compressed_checkpoint_errors(tmp_path):
 
 def _cli(*args):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "wanda_kernels.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "wanda_kernels", *args], capture_output=True, text=True,
                           env=env, timeout=900)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wanda_kernels import _ext
+from wanda_kernels.gemm24 import loader as _ext
 
 P = 0x10000  # a 16-byte aligned stand-in pointer: can_implement never dereferences
 
@@ -61,8 +61,8 @@ def test_build_info(ext):
     assert ext.sm90_built() == ("90a" in ext.cuda_archs.split(",")) == _ext.sm90_built()
     assert set(_ext.built_archs()) >= {80} and all(a >= 80 for a in _ext.built_archs())
     assert ext.cutlass_version.count(".") == 2
-    assert ext.config_shape(0) == (64, 64, 64, 8)
-    assert ext.config_shape(1) == (128, 128, 64, 8)
+    assert ext.sm80_config_shape(ext.Sm80Config.decode) == (64, 64, 64, 8)
+    assert ext.sm80_config_shape(ext.Sm80Config.large) == (128, 128, 64, 8)
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +102,11 @@ SM90_SHAPES = [(4096, 1, 4096), (4096, 16, 4096), (11008, 2048, 4096), (4096, 81
                (104, 3, 192)]
 
 
-@pytest.mark.parametrize("dtype", [0, 1])
-@pytest.mark.parametrize("config", [0, 1, 2, 3])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("config", ["decode", "large", "streamk", "wide"])
 @pytest.mark.parametrize(("m", "n", "k"), SM90_SHAPES)
 def test_sm90_can_implement_llama_and_odd_shapes(ext, dtype, config, m, n, k):
+    dtype, config = getattr(ext.DType, dtype), getattr(ext.Sm90Config, config)
     if not ext.sm90_built():
         pytest.skip("built without the sm90a kernels")
     assert ext.sm90_can_implement(dtype, config, m, n, k, P, P, P, k, P, m, 0, 132) == 0
@@ -115,24 +116,27 @@ def test_sm90_can_implement_llama_and_odd_shapes(ext, dtype, config, m, n, k):
 def test_sm90_workspace_only_for_stream_k(ext):
     if not ext.sm90_built():
         pytest.skip("built without the sm90a kernels")
-    assert ext.sm90_workspace_size(0, 0, 4096, 16, 4096, 132) == 0
-    assert ext.sm90_workspace_size(0, 1, 4096, 8192, 4096, 132) == 0
-    assert ext.sm90_workspace_size(0, 2, 4096, 16, 4096, 132) > 0  # partial tiles of split K
-    assert ext.sm90_workspace_size(1, 3, 4096, 8192, 4096, 132) == 0
-    assert ext.sm90_config_shape(0) == (64, 32, 256) and ext.sm90_config_shape(1) == (128, 128, 128)
-    assert ext.sm90_config_shape(3) == (128, 256, 128)
+    f16, bf16, cfg = ext.DType.float16, ext.DType.bfloat16, ext.Sm90Config
+    assert ext.sm90_workspace_size(f16, cfg.decode, 4096, 16, 4096, 132) == 0
+    assert ext.sm90_workspace_size(f16, cfg.large, 4096, 8192, 4096, 132) == 0
+    assert ext.sm90_workspace_size(f16, cfg.streamk, 4096, 16, 4096, 132) > 0  # partial tiles of split K
+    assert ext.sm90_workspace_size(bf16, cfg.wide, 4096, 8192, 4096, 132) == 0
+    assert ext.sm90_config_shape(ext.Sm90Config.decode) == (64, 32, 256)
+    assert ext.sm90_config_shape(ext.Sm90Config.large) == (128, 128, 128)
+    assert ext.sm90_config_shape(ext.Sm90Config.wide) == (128, 256, 128)
 
 
 def test_sm90_dispatch_tiles_are_the_built_configurations(ext):
-    # sparse_linear's dispatch counts tiles with its own copy of the tile shapes (it is
-    # pure Python, tested without the extension): they must be the compiled ones.
-    from wanda_kernels.sparse_linear import _SM90_DECODE_TILE, SM90_CONFIGS, SM90_DISPATCH
+    # The dispatch (gemm24.policy) counts tiles with its own copy of the configurations
+    # and their shapes: they must be the enum and the table _C was built from.
+    from wanda_kernels.gemm24 import SM80_CONFIGS, SM90_CONFIGS, SM90_DISPATCH, SM90_TILES
 
-    if not ext.sm90_built():
-        pytest.skip("built without the sm90a kernels")
-    for config, tile_m, tile_n, _ in SM90_DISPATCH:
-        assert ext.sm90_config_shape(SM90_CONFIGS[config])[:2] == (tile_m, tile_n), config
-    assert ext.sm90_config_shape(SM90_CONFIGS["decode"])[:2] == _SM90_DECODE_TILE
+    assert tuple(ext.Sm90Config.__members__) == SM90_CONFIGS
+    assert tuple(ext.Sm80Config.__members__) == SM80_CONFIGS
+    assert set(SM90_TILES) == set(SM90_CONFIGS)
+    for config in SM90_CONFIGS:
+        assert ext.sm90_config_shape(getattr(ext.Sm90Config, config)) == SM90_TILES[config], config
+    assert {config for config, _ in SM90_DISPATCH} <= set(SM90_CONFIGS)
 
 
 def test_runs_on_follows_sass_compatibility(ext):
@@ -144,20 +148,33 @@ def test_runs_on_follows_sass_compatibility(ext):
     assert not _ext.runs_on(7, 5) and not _ext.runs_on(12, 0)
 
 
-@pytest.mark.parametrize("dtype", [0, 1])
-@pytest.mark.parametrize(("config", "m", "n", "k"), [(1, 4096, 2048, 4096), (1, 11008, 8192, 4096), (0, 4096, 8, 11008), (0, 1024, 16, 8192)])
-def test_can_implement_llama_shapes(ext, dtype, config, m, n, k):
-    assert ext.can_implement(dtype, config, m, n, k, P, P, P, k, P, n) == 0
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize(("config", "m", "n", "k"), [("large", 4096, 2048, 4096), ("large", 11008, 8192, 4096), ("decode", 4096, 8, 11008), ("decode", 1024, 16, 8192)])
+def test_sm80_can_implement_llama_shapes(ext, dtype, config, m, n, k):
+    dtype, config = getattr(ext.DType, dtype), getattr(ext.Sm80Config, config)
+    assert ext.sm80_can_implement(dtype, config, m, n, k, P, P, P, k, P, n) == 0
 
 
 # Both kernels' entry points check their arguments before anything else (whether or not
 # the kernel is built), with messages that name the argument.
 CALLS = {
-    "sm80": (dict(dtype=0, config=1, m=4096, n=2048, k=4096, values=P, meta=P, x=P, ldb=4096, out=P, ldd=2048),
-             "can_implement", "sparse24_gemm", dict(stream=0)),
-    "sm90": (dict(dtype=0, config=0, m=4096, n=16, k=4096, values=P, meta=P, x=P, ldx=4096, y=P, ldy=4096, bias=0,
-                  sm_count=132), "sm90_can_implement", "sm90_gemm", dict(workspace=0, stream=0)),
+    "sm80": (dict(dtype="float16", config=("Sm80Config", "large"), m=4096, n=2048, k=4096, values=P, meta=P, x=P,
+                  ldb=4096, out=P, ldd=2048), "sm80_can_implement", "sm80_gemm", dict(stream=0)),
+    "sm90": (dict(dtype="float16", config=("Sm90Config", "decode"), m=4096, n=16, k=4096, values=P, meta=P, x=P,
+                  ldx=4096, y=P, ldy=4096, bias=0, sm_count=132), "sm90_can_implement", "sm90_gemm",
+             dict(workspace=0, stream=0)),
 }
+
+
+def _call_args(ext, kernel, change):
+    """CALLS[kernel]'s arguments with ``change``; dtype and config names become _C's enums."""
+    args = {**CALLS[kernel][0], **change}
+    if isinstance(args["dtype"], str):
+        args["dtype"] = getattr(ext.DType, args["dtype"])
+    if isinstance(args["config"], tuple):
+        enum, name = args["config"]
+        args["config"] = getattr(getattr(ext, enum), name)
+    return args
 
 
 @pytest.mark.parametrize(
@@ -166,14 +183,12 @@ CALLS = {
         ("sm80", dict(m=48), r"m \(out_features\) must be a positive multiple of 32; got 48"),
         ("sm80", dict(k=96), r"k \(in_features\) must be a positive multiple of 64; got 96"),
         ("sm80", dict(n=0), r"n \(tokens\) must be positive; got 0"),
-        ("sm80", dict(n=12, ldd=12), r"n \(tokens\) must be a multiple of 8 for config 1; got 12"),
+        ("sm80", dict(n=12, ldd=12), r"n \(tokens\) must be a multiple of 8; got 12"),
         ("sm80", dict(values=P + 2), r"values must be 16-byte aligned; got 0x10002"),
         ("sm80", dict(meta=0), r"meta is a null pointer"),
         ("sm80", dict(x=P + 8), r"x must be 16-byte aligned"),
         ("sm80", dict(ldb=4100), r"x row stride \(ldb\) must be >= k and a multiple of 8; got 4100"),
         ("sm80", dict(ldd=8), r"out row stride \(ldd\) must be >= n"),
-        ("sm80", dict(dtype=2), r"dtype must be 0 \(float16\) or 1 \(bfloat16\); got 2"),
-        ("sm80", dict(config=5), r"config must be 0 \(decode\) or 1 \(large\); got 5"),
         ("sm90", dict(m=100), r"m \(out_features\) must be a positive multiple of 8; got 100"),
         ("sm90", dict(k=96), r"k \(in_features\) must be a positive multiple of 64; got 96"),
         ("sm90", dict(n=0), r"n \(tokens\) must be positive; got 0"),
@@ -182,16 +197,30 @@ CALLS = {
         ("sm90", dict(bias=P + 2), r"bias must be 0 \(none\) or 16-byte aligned"),
         ("sm90", dict(ldx=4100), r"x row stride \(ldx\) must be >= k and a multiple of 8; got 4100"),
         ("sm90", dict(ldy=8), r"y row stride \(ldy\) must be >= m"),
-        ("sm90", dict(config=4), r"sm90 config must be 0 \(decode\), 1 \(large\), 2 \(stream-K\) or 3 \(wide\); got 4"),
         ("sm90", dict(sm_count=0), r"sm_count must be positive; got 0"),
     ],
 )
 def test_argument_checks_name_the_argument(ext, kernel, change, message):
-    base, check, launch, launch_only = CALLS[kernel]
-    args = {**base, **change}
+    _, check, launch, launch_only = CALLS[kernel]
+    args = _call_args(ext, kernel, change)
     with pytest.raises(ValueError, match=message):
         getattr(ext, check)(**args)
     with pytest.raises(ValueError, match=message):
+        getattr(ext, launch)(**args, **launch_only)
+
+
+@pytest.mark.parametrize(("kernel", "change"), [
+    ("sm80", dict(dtype=0)), ("sm80", dict(config=1)), ("sm80", dict(config=("Sm90Config", "large"))),
+    ("sm90", dict(dtype=1)), ("sm90", dict(config=3)), ("sm90", dict(config=("Sm80Config", "decode"))),
+])
+def test_dtype_and_config_are_enums_not_integers(ext, kernel, change):
+    # An integer, or the other kernel's configuration enum, is refused by pybind's
+    # argument conversion, before any check or launch.
+    _, check, launch, launch_only = CALLS[kernel]
+    args = _call_args(ext, kernel, change)
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        getattr(ext, check)(**args)
+    with pytest.raises(TypeError, match="incompatible function arguments"):
         getattr(ext, launch)(**args, **launch_only)
 
 
@@ -204,15 +233,16 @@ def test_status_strings(ext):
 def test_launch_without_gpu_reports_a_status(ext):
     if os.path.exists("/dev/nvidiactl"):
         pytest.skip("a GPU machine: the launch would run for real")
-    status = ext.sparse24_gemm(0, 1, 4096, 2048, 4096, P, P, P, 4096, P, 2048, 0)
+    f16 = ext.DType.float16
+    status = ext.sm80_gemm(f16, ext.Sm80Config.large, 4096, 2048, 4096, P, P, P, 4096, P, 2048, 0)
     assert status != 0 and ext.status_string(status)
     if ext.sm90_built():
-        status = ext.sm90_gemm(0, 0, 4096, 16, 4096, P, P, P, 4096, P, 4096, 0, 0, 132, 0)
+        status = ext.sm90_gemm(f16, ext.Sm90Config.decode, 4096, 16, 4096, P, P, P, 4096, P, 4096, 0, 0, 132, 0)
         assert status != 0 and ext.status_string(status)
 
 
 def test_cpu_input_reason_names_the_device():
-    reason = __import__("wanda_kernels.sparse_linear", fromlist=["x"]).cutlass_unavailable_reason(torch.empty(1))
+    reason = __import__("wanda_kernels.gemm24", fromlist=["x"]).unavailable_reason(torch.empty(1))
     assert reason and "cpu" in reason
 
 

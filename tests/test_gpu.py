@@ -77,7 +77,7 @@ def test_second_gpu_if_present():
 
 def _cutlass_ready():
     """The kernel dispatch picks on this GPU ("sm80" or "sm90"); skip when there is none."""
-    from wanda_kernels.sparse_linear import select_kernel
+    from wanda_kernels.gemm24 import select_kernel
 
     kernel, reason = select_kernel(torch.device("cuda"), torch.float16)
     if kernel is None:
@@ -94,7 +94,7 @@ def test_sparse_linear_error_within_twice_dense(out_f, in_f, tokens, dtype):
     lin = torch.nn.Linear(in_f, out_f, device="cuda", dtype=dtype)
     wk.prune_(lin, torch.rand(in_f, generator=g, device="cuda") + 0.1, pattern="2:4")
     sl = wk.SparseLinear.from_linear(lin)
-    assert sl.meta_format == kernel and sl.backend().startswith(f"cutlass-{kernel}")
+    assert sl.meta_format == kernel and sl.kernel().startswith(f"cutlass-{kernel}")
     x = torch.randn(tokens, in_f, generator=g, device="cuda", dtype=dtype)
     ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
     dense_err = (torch.nn.functional.linear(x, lin.weight, lin.bias).float() - ref).abs().max()
@@ -172,7 +172,7 @@ def _random_24(m, k, dtype, seed, zero_frac=0.15):
 
 
 def _hopper():
-    from wanda_kernels._ext import sm90_built
+    from wanda_kernels.gemm24 import sm90_built
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip(f"the sm90a kernels run on compute capability 9.0; this GPU is {torch.cuda.get_device_capability()}")
@@ -193,7 +193,7 @@ def _pruned(out_f, in_f, dtype, seed=0, bias=True):
 @pytest.mark.parametrize("tokens", [1, 13, 128, 2048])
 @pytest.mark.parametrize("bias", [True, False])
 def test_sm90_each_config_error_within_twice_dense(out_f, in_f, tokens, dtype, config, bias):
-    from wanda_kernels.sparse_linear import launch_sparse24_sm90
+    from wanda_kernels.gemm24 import launch_sm90
 
     _hopper()
     lin, g = _pruned(out_f, in_f, dtype, bias=bias)
@@ -201,7 +201,7 @@ def test_sm90_each_config_error_within_twice_dense(out_f, in_f, tokens, dtype, c
     assert sl.meta_format == "sm90"
     x = torch.randn(tokens, in_f, generator=g, device="cuda", dtype=dtype)
     y = torch.full((tokens, out_f), float("nan"), device="cuda", dtype=dtype)
-    launch_sparse24_sm90(sl.values, sl.meta, x, y, sl.bias, config)
+    launch_sm90(sl.values, sl.meta, x, y, sl.bias, config)
     ref = torch.nn.functional.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
     dense_err = (torch.nn.functional.linear(x, lin.weight, lin.bias).float() - ref).abs().max()
     sparse_err = (y.float() - ref).abs().max()
@@ -213,7 +213,7 @@ def test_sm90_module_layout_follows_the_device_and_checkpoints_sm80():
     _hopper()
     lin, g = _pruned(4096, 4096, torch.float16)
     sl = wk.SparseLinear.from_linear(lin)
-    assert sl.meta_format == "sm90" and sl.backend().startswith("cutlass-sm90a")
+    assert sl.meta_format == "sm90" and sl.kernel().startswith("cutlass-sm90a")
     state = sl.state_dict()
     assert torch.equal(state["meta"].cpu(), wk.compress_24(lin.weight.detach().cpu())[1])
     sl.cpu()
@@ -235,8 +235,7 @@ def test_sm90_prune_compress_on_gpu_equals_torch_path():
 
 def test_sm80_kernel_still_runs_on_hopper():
     # The benchmark's sm80 column on H100/H200: the sm_90 build of the sm80 kernel.
-    from wanda_kernels._ext import runs_on
-    from wanda_kernels.sparse_linear import launch_sparse24_gemm
+    from wanda_kernels.gemm24 import launch_sm80, runs_on
 
     _hopper()
     if not runs_on(9, 0):
@@ -245,27 +244,27 @@ def test_sm80_kernel_still_runs_on_hopper():
     values, meta = wk.compress_24(lin.weight.detach())
     x = torch.randn(16, 4096, generator=g, device="cuda", dtype=torch.float16)
     d = torch.empty(4096, 16, device="cuda", dtype=torch.float16)
-    launch_sparse24_gemm(values, meta, x, d)
+    launch_sm80(values, meta, x, d)
     torch.testing.assert_close(d.t(), lin(x), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("m", "k"), [(256, 512), (4096, 4096)])
 def test_sm90_cutlass_compressor_and_our_conversion_decode_the_same(m, k, dtype):
-    from wanda_kernels._ext import extension
+    from wanda_kernels.gemm24 import extension, sm_count
     from wanda_kernels.sparse24 import meta_shape, meta_sm80_to_sm90
-    from wanda_kernels.sparse_linear import _DTYPE_CODE, _sm_count
 
     _hopper()
     ext = extension()
     w = _random_24(m, k, dtype, seed=m + k).cuda()  # groups with < 2 non-zeros, and -0.0
     values_c = torch.empty(m, k // 2, dtype=dtype, device="cuda")
     meta_c = torch.empty(meta_shape(m, k, "sm90"), dtype=torch.int16, device="cuda")
-    sms = _sm_count(torch.cuda.current_device())
-    ws_bytes = ext.sm90_compress_workspace_size(_DTYPE_CODE[dtype], m, k, sms)
+    sms = sm_count(torch.cuda.current_device())
+    dt = ext.DType.float16 if dtype == torch.float16 else ext.DType.bfloat16
+    ws_bytes = ext.sm90_compress_workspace_size(dt, m, k, sms)
     ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device="cuda")
-    status = ext.sm90_compress(_DTYPE_CODE[dtype], m, k, w.data_ptr(), values_c.data_ptr(), meta_c.data_ptr(),
-                               ws.data_ptr(), sms, torch.cuda.current_stream().cuda_stream)
+    status = ext.sm90_compress(dt, m, k, w.data_ptr(), values_c.data_ptr(), meta_c.data_ptr(), ws.data_ptr(), sms,
+                               torch.cuda.current_stream().cuda_stream)
     assert status == 0, ext.status_string(status)
     torch.cuda.synchronize()
     theirs = wk.decompress_24(values_c, meta_c, meta_format="sm90")

@@ -9,7 +9,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import wanda_kernels as wk  # noqa: E402
-from wanda_kernels import pipeline, reference  # noqa: E402
+from wanda_kernels import reference  # noqa: E402
+from wanda_kernels.llm import pipeline  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=64)
@@ -141,11 +142,61 @@ def test_bad_arguments():
         pipeline.prune_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), calib_ids())
 
 
+class _Block(torch.nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_in, d_out)
+
+    def forward(self, h, **kwargs):
+        return (self.proj(h),)
+
+
+class _Chain(torch.nn.Module):
+    """An embedding, then decoder "layers" of one linear each, of the given widths."""
+
+    def __init__(self, widths=(8, 8, 8, 8)):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(128, widths[0])
+        self.layers = torch.nn.ModuleList([_Block(a, b) for a, b in zip(widths[:-1], widths[1:])])
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        for block in self.layers:
+            h = block(h)[0]
+        return h
+
+
+def test_every_linear_is_checked_before_the_first_weight_changes():
+    model = _Chain((8, 8, 6, 6))  # the last layer's in_features (6) cannot hold a 2:4 pattern
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"pattern '2:4' needs in_features divisible by 4; layers\.2\.proj\.weight"):
+        pipeline.prune_model(model, calib_ids(), pattern="2:4", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_non_finite_calibration_norms_are_reported_once_at_the_end():
+    model = _Chain()
+    with torch.no_grad():
+        model.embed.weight[:] = float("inf")  # every activation overflows
+    with pytest.warns(RuntimeWarning, match=r"decoder layers \[0, 1, 2\] saw non-finite activations"):
+        report = pipeline.prune_model(model, calib_ids(), 0.5, progress=False)
+    assert len(report.layers) == 3 and all(layer.sparsity for layer in report.layers)
+
+
+def test_each_method_is_one_table_entry():
+    assert set(pipeline.METHODS) == {"wanda", "magnitude", "sparsegpt"}
+    assert pipeline.METHODS["magnitude"].collect is None and pipeline.METHODS["magnitude"].metric == "magnitude"
+
+
 # ---------------------------------------------------------------------------
 # The real model, truncated to its first layers.
 
 def _assets_or_skip():
-    from wanda_kernels import data, models
+    from wanda_kernels.llm import data, models
 
     try:
         path = models.default_model_dir()
@@ -159,7 +210,7 @@ def _assets_or_skip():
 
 @pytest.fixture(scope="module")
 def smol():
-    from wanda_kernels import data, models
+    from wanda_kernels.llm import data, models
 
     _assets_or_skip()
     model, tok = models.load_model()
@@ -173,7 +224,7 @@ def smol():
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_truncated_smollm2_wanda_beats_magnitude(smol, pattern):
-    from wanda_kernels import evaluate
+    from wanda_kernels.llm import evaluate
 
     model, _, calib, evalw = smol
     ppl = {}

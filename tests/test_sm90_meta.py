@@ -21,7 +21,8 @@ from test_sparse24 import DTYPES, _bits, random_24
 
 import wanda_kernels as wk
 from wanda_kernels import reference
-from wanda_kernels import sparse_linear as sl
+from wanda_kernels._layout24 import sm90_offsets
+from wanda_kernels.gemm24 import policy
 from wanda_kernels.sparse24 import meta_shape, meta_sm80_to_sm90, meta_sm90_to_sm80
 
 STRICT = os.environ.get("CI", "").lower() == "true"
@@ -95,12 +96,12 @@ LAYERS = [(32, 64), (64, 128), (72, 192), (96, 320), (200, 448), (128, 4096), (2
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 @pytest.mark.parametrize(("out_f", "in_f"), LAYERS)
 def test_offsets_equal_cutlass_fill_layoutE(layout_tool, out_f, in_f, dtype):
-    # The kernel's problem is (round_up(out, 8), K padded to 64) (sparse_linear._sm90_linear);
+    # The kernel's problem is (round_up(out, 8), K padded to 64) (gemm24.op.sm90_linear);
     # our conversion works from the sm80-padded (round_up(out, 32), K). Both must give
     # CUTLASS's map.
     m32, k64 = -(-out_f // 32) * 32, -(-in_f // 64) * 64
     theirs = cutlass_offsets(layout_tool, -(-out_f // 8) * 8, k64, dtype)
-    ours = reference.meta_sm90_offsets(m32, k64)
+    ours = sm90_offsets(m32, k64)
     assert theirs.shape == ours.shape == (meta_shape(m32, k64, "sm90")[0], meta_shape(m32, k64, "sm90")[1] * 4)
     assert torch.equal(theirs, ours)
 
@@ -167,7 +168,7 @@ def test_hand_computed_positions():
     # Row 9 = m0 1, m1 1 -> 128 + 16 = 144 logical; columns 16..31 (k1 = 1) -> + 1024:
     # word (144 + 1024) / 16 = 73. Row 64, column 128 (second atom in M and in K, with
     # M64 = 128): 8192 + 128 * 128 = 24576 -> word 1536.
-    offsets = reference.meta_sm90_offsets(128, 256)
+    offsets = sm90_offsets(128, 256)
     assert offsets[9, 4] == 1168 and offsets[9, 4] // 16 == 73
     assert offsets[64, 32] == 24576
     # A single group [0, x, 0, y] (positions 1, 3: code 1 | 3 << 2 = 0xD) at row 9,
@@ -218,7 +219,7 @@ def test_prune_compress_emits_sm90_directly(m, k, backend, request):
 @pytest.fixture
 def hopper_like(monkeypatch):
     """Pretend every device runs the sm90 kernel (the layout logic is device independent)."""
-    monkeypatch.setattr(sl, "_meta_format_for", lambda device, dtype: "sm90")
+    monkeypatch.setattr(policy, "meta_format_for", lambda device, dtype: "sm90")
 
 
 def _layer(out_f=100, in_f=192, seed=0):
@@ -249,18 +250,18 @@ def test_sparse_linear_converts_for_sm90_and_checkpoints_sm80(hopper_like, monke
     fresh.load_state_dict(state)
     assert fresh.meta_format == "sm90" and torch.equal(fresh.meta, module.meta)
     # Moving to a device that runs the sm80 kernel (or none) converts back.
-    monkeypatch.setattr(sl, "_meta_format_for", lambda device, dtype: "sm80")
+    monkeypatch.setattr(policy, "meta_format_for", lambda device, dtype: "sm80")
     fresh.to("cpu")
     assert fresh.meta_format == "sm80" and torch.equal(fresh.meta, meta80)
 
 
 def test_op_refuses_a_kernel_whose_layout_the_metadata_is_not_in(monkeypatch):
-    monkeypatch.setattr(sl, "select_kernel", lambda device, dtype: ("sm90", None))
-    reason = sl.cutlass_unavailable_reason(torch.empty(1, dtype=torch.float16), "sm80")
+    monkeypatch.setattr(policy, "select_kernel", lambda device, dtype: ("sm90", None))
+    reason = policy.unavailable_reason(torch.empty(1, dtype=torch.float16), "sm80")
     assert "metadata is in the sm80 layout" in reason and ".to(device)" in reason
-    assert sl.cutlass_unavailable_reason(torch.empty(1, dtype=torch.float16), "sm90") is None
+    assert policy.unavailable_reason(torch.empty(1, dtype=torch.float16), "sm90") is None
 
 
 def test_kernel_choice_on_cpu_is_none_and_says_why():
-    kernel, reason = sl.select_kernel(torch.device("cpu"), torch.float16)
+    kernel, reason = policy.select_kernel(torch.device("cpu"), torch.float16)
     assert kernel is None and "cpu" in reason

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import wanda_kernels as wk
-from wanda_kernels import sparse_linear
+from wanda_kernels.gemm24 import op as gemm_op
 
 
 def pruned_linear(in_f, out_f, dtype=torch.float16, bias=True, seed=0):
@@ -68,7 +68,7 @@ def test_no_bias_state_dict():
 
 
 def test_warns_once_and_names_why():
-    sparse_linear._warn_once.cache_clear()
+    gemm_op._warn_once.cache_clear()
     sl = wk.SparseLinear.from_linear(pruned_linear(64, 32))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -79,9 +79,9 @@ def test_warns_once_and_names_why():
     assert "dense F.linear" in msgs[0] and "the input is on cpu" in msgs[0]
 
 
-def test_extra_repr_shows_shapes_and_backend():
+def test_extra_repr_shows_shapes_and_kernel():
     text = repr(wk.SparseLinear.from_linear(pruned_linear(128, 64)))
-    for part in ("in_features=128", "out_features=64", "values=(64, 64)", "meta=(64, 8)", "backend=dense fallback"):
+    for part in ("in_features=128", "out_features=64", "values=(64, 64)", "meta=(64, 8)", "kernel=dense fallback"):
         assert part in text
 
 
@@ -90,7 +90,7 @@ def test_torch_compile_traces_the_custom_op():
     x = torch.randn(3, 128).half()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # runs the fake impl while tracing
     assert torch.equal(compiled(x), model(x))
-    fake = sparse_linear._sparse24_linear_fake(torch.empty(2, 7, 128), None, None, None, 64)
+    fake = gemm_op._sparse24_linear_fake(torch.empty(2, 7, 128), None, None, None, 64)
     assert fake.shape == (2, 7, 64)
 
 
@@ -121,7 +121,7 @@ def test_sparsify_replaces_exactly_the_24_layers():
 
 def test_sparsify_filter():
     model = _model()
-    assert wk.sparsify_(model, filter_fn=lambda name, mod: name.startswith("block")) == ["block.0"]
+    assert wk.sparsify_(model, filter_fn=lambda mod, fqn: fqn.startswith("block")) == ["block.0"]
     assert type(model.up) is nn.Linear
 
 
@@ -191,13 +191,13 @@ def test_forward_refusals():
     (384, 8192, "wide"),        # 64 x 2 wide tiles
 ])
 def test_sm90_dispatch_rules(tokens, out_features, expected):
-    from wanda_kernels.sparse_linear import sm90_config_for
+    from wanda_kernels.gemm24 import sm90_config_for
 
     assert sm90_config_for(tokens, out_features, 132) == expected
 
 
 def test_sm90_dispatch_covers_every_token_count_with_a_built_config():
-    from wanda_kernels.sparse_linear import SM90_CONFIGS, sm90_config_for
+    from wanda_kernels.gemm24 import SM90_CONFIGS, sm90_config_for
 
     for tokens in (1, 2, 15, 16, 17, 64, 127, 128, 129, 511, 512, 513, 2048, 8192, 10**6):
         for out_features in (8, 1024, 4096, 28672):
@@ -215,7 +215,7 @@ def test_sm90_dispatch_replayed_on_the_h100_measurements():
     path = next((Path(__file__).parent.parent / "benchmarks/results/h100/round2").glob("tune_sm90_fp16_*.json"))
     data = json.loads(path.read_text())
     sms = data["environment"]["sm_count"]
-    from wanda_kernels.sparse_linear import sm90_config_for
+    from wanda_kernels.gemm24 import sm90_config_for
 
     ratios = []
     for r in data["results"]:
@@ -225,3 +225,29 @@ def test_sm90_dispatch_replayed_on_the_h100_measurements():
     assert len(ratios) >= 60
     assert max(ratios) <= 1.35, max(ratios)
     assert sum(x <= 1.1 for x in ratios) >= 0.85 * len(ratios), sorted(ratios)[-10:]
+
+
+@pytest.mark.parametrize("meta_format", ["sm80", "sm90"])
+def test_a_new_module_holds_the_all_zero_weight_without_compressing(meta_format):
+    # SparseLinear.__init__ fills its buffers with the constant the compressor gives an
+    # all-zero weight (code 0xE in every group), in either layout.
+    from wanda_kernels._layout24 import filled_meta
+
+    values, meta = wk.compress_24(torch.zeros(64, 128, dtype=torch.float16), meta_format=meta_format)
+    assert torch.equal(filled_meta(64, 128, meta_format), meta) and not values.any()
+    module = wk.SparseLinear(100, 40)
+    assert torch.equal(module.meta, wk.compress_24(torch.zeros(64, 128, dtype=torch.float16))[1])
+    assert torch.equal(module.to_dense(), torch.zeros(40, 100, dtype=torch.float16))
+
+
+def test_pad_input_copies_only_what_a_kernel_cannot_read_in_place():
+    from wanda_kernels.gemm24 import pad_input
+
+    x = torch.randn(8, 64).half()
+    assert pad_input(x, 8, 64) is x
+    broadcast = torch.randn(1, 64).half().expand(8, 64)  # row stride 0 < K: rows overlap
+    copy = pad_input(broadcast, 8, 64)
+    assert copy is not broadcast and copy.stride() == (64, 1) and torch.equal(copy, broadcast)
+    padded = pad_input(x[:5, :40], 8, 64)
+    assert padded.shape == (8, 64) and torch.equal(padded[:5, :40], x[:5, :40])
+    assert not padded[5:].any() and not padded[:, 40:].any()

@@ -30,7 +30,7 @@ status=0
 device_info() {
   "$PY" - <<'EOF' 2>&1 | tee "$OUT/device.txt"
 import json, subprocess, torch, triton
-import wanda_kernels._ext as e
+import wanda_kernels.gemm24 as e
 ext = e.extension()
 p = torch.cuda.get_device_properties(0)
 drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],

@@ -22,9 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import wanda_kernels as wk
-from wanda_kernels._ext import runs_on, sm90_built
-from wanda_kernels.sparse24 import _round_up
-from wanda_kernels.sparse_linear import SM90_CONFIGS, launch_sparse24_gemm, launch_sparse24_sm90
+from wanda_kernels.gemm24 import SM90_CONFIGS, launch_sm80, launch_sm90, runs_on, sm80_tokens, sm90_built
 
 SHAPES = [(104, 192), (100, 200), (1024, 4096), (4096, 4096)]
 TOKENS = [1, 13, 200]
@@ -71,19 +69,19 @@ def main(argv=None) -> int:
                 xk = F.pad(x, (0, 2 * values.shape[1] - in_f))  # K padded with zeros, as SparseLinear does
                 runs = []
                 if f"sm90 decode {dt}" in expected:
-                    meta90 = sl._meta_as("sm90")
-                    m8 = _round_up(out_f, 8)
+                    meta90 = sl.meta_as("sm90")
+                    m8 = -(-out_f // 8) * 8  # sm90 output rows: a multiple of 8
                     bias8 = F.pad(bias, (0, m8 - out_f))
                     for cfg in SM90_CONFIGS:
                         for b in (None, bias8):
                             y = torch.full((n, m8), float("nan"), device="cuda", dtype=dtype)
-                            launch_sparse24_sm90(values, meta90, xk, y, b, cfg)
+                            launch_sm90(values, meta90, xk, y, b, cfg)
                             runs.append((f"sm90 {cfg} {dt}", b is not None, y[:, :out_f]))
                 if f"sm80 {dt}" in expected:
-                    n8 = _round_up(n, 8)
+                    n8 = sm80_tokens(n)
                     xb = F.pad(xk, (0, 0, 0, n8 - n))
                     d = torch.full((m_pad, n8), float("nan"), device="cuda", dtype=dtype)
-                    launch_sparse24_gemm(values, sl._meta_as("sm80"), xb, d)
+                    launch_sm80(values, sl.meta_as("sm80"), xb, d)
                     runs.append((f"sm80 {dt}", False, d[:out_f, :n].t()))
                 ref_dev = torch.device("cpu") if args.cpu_reference else x.device
                 xr, wr, br = x.to(ref_dev), w.to(ref_dev), bias.to(ref_dev)

@@ -22,8 +22,7 @@ def main() -> int:
         print("profile_targets.py needs a CUDA GPU", file=sys.stderr)
         return 2
     import wanda_kernels as wk
-    from wanda_kernels._ext import sm90_built
-    from wanda_kernels.sparse_linear import launch_sparse24_sm90
+    from wanda_kernels.gemm24 import launch_sm90, sm90_built
 
     g = torch.Generator(device="cuda").manual_seed(0)
     cases = []
@@ -47,7 +46,7 @@ def main() -> int:
             xt = torch.randn(tokens, in_f, generator=g, device="cuda").half()
             y = torch.empty(tokens, out_f, device="cuda", dtype=torch.float16)
             cases.append((f"sm90 {cfg}, {out_f}x{in_f}, {tokens} tokens fp16",
-                          lambda v=values, m=meta, xt=xt, y=y, cfg=cfg: launch_sparse24_sm90(v, m, xt, y, None, cfg)))
+                          lambda v=values, m=meta, xt=xt, y=y, cfg=cfg: launch_sm90(v, m, xt, y, None, cfg)))
     for name, fn in cases:
         fn()  # warm-up (Triton compiles here)
         torch.cuda.synchronize()

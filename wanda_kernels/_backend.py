@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
-import os
 import warnings
 
 import torch
 
-from ._validation import BACKENDS, check_choice
-
-logger = logging.getLogger("wanda_kernels")
-
-_TRUTHY = ("1", "true", "yes", "on")
+from ._env import env_flag
 
 
 def triton_interpreting() -> bool:
     """True when ``TRITON_INTERPRET`` is set, i.e. Triton kernels run on CPU tensors in numpy."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUTHY
+    return env_flag("TRITON_INTERPRET")
 
 
 @functools.cache
@@ -42,8 +36,10 @@ def _warn_no_triton_once() -> None:
 
 
 def resolve_backend(backend, device: torch.device) -> str:
-    """Return ``"triton"`` or ``"torch"`` for a call on tensors living on ``device``."""
-    check_choice("backend", backend, BACKENDS)
+    """Return ``"triton"`` or ``"torch"`` for a call on tensors living on ``device``.
+
+    ``backend`` is ``"auto"``, ``"triton"`` or ``"torch"``, already checked by the caller.
+    """
     if backend == "torch":
         return "torch"
     if backend == "triton":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from fractions import Fraction
 
 import torch
 
@@ -20,6 +21,22 @@ METRICS = ("wanda", "magnitude")
 BACKENDS = ("auto", "triton", "torch")
 SCOPES = ("row", "layer")
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def num_pruned(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` weights a comparison group prunes: ``floor(sparsity * numel)``.
+
+    The product is taken in exact decimal arithmetic of the sparsity as Python prints
+    it, so ``num_pruned(100, 0.29) == 29`` even though ``0.29 * 100`` is
+    ``28.999999999999996`` in binary floating point.
+    """
+    return math.floor(Fraction(repr(float(sparsity))) * numel)
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return value
 
 
 def check_choice(name: str, value, choices: tuple[str, ...]) -> str:

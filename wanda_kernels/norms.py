@@ -50,6 +50,7 @@ def accumulate_sq_norms_(sq_norms: torch.Tensor, x: torch.Tensor, *, backend: st
                          f"{tuple(x.shape)}; got {tuple(sq_norms.shape)}")
     if sq_norms.device != x.device:
         raise ValueError(f"sq_norms is on {sq_norms.device} but x is on {x.device}")
+    check_choice("backend", backend, BACKENDS)
     x2d = x.detach().reshape(-1, x.shape[-1])
     with torch.no_grad():
         if resolve_backend(backend, x.device) == "triton":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -10,6 +11,7 @@ from torch import nn
 from . import _torch_impl
 from ._backend import resolve_backend
 from ._validation import (
+    BACKENDS,
     METRICS,
     SCOPES,
     check_choice,
@@ -17,13 +19,96 @@ from ._validation import (
     check_norms,
     check_sparsity,
     check_weight,
+    num_pruned,
     parse_pattern,
 )
-from .reference import num_pruned
 
 logger = logging.getLogger("wanda_kernels")
 
 __all__ = ["prune_", "prune_mask"]
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Validated pruning options (all but the tensors); build with :func:`prune_spec`."""
+
+    sparsity: float
+    nm: tuple[int, int] | None  # None: unstructured
+    metric: str
+    scope: str
+    backend: str
+
+
+def prune_spec(sparsity=None, pattern="unstructured", metric="wanda", scope="row", backend="auto") -> PruneSpec:
+    """Check the options of :func:`prune_` once; raise TypeError/ValueError naming the bad one."""
+    check_choice("metric", metric, METRICS)
+    check_choice("scope", scope, SCOPES)
+    check_choice("backend", backend, BACKENDS)
+    nm = parse_pattern(pattern)
+    sparsity = check_sparsity(sparsity, nm)
+    if nm is not None and scope != "row":
+        raise ValueError(f"scope={scope!r} applies to unstructured sparsity only; got pattern={pattern!r}")
+    return PruneSpec(sparsity=sparsity, nm=nm, metric=metric, scope=scope, backend=backend)
+
+
+def check_prunable(weight, spec: PruneSpec, name: str = "weight") -> torch.Tensor:
+    """Check a weight ``(out, in)`` against ``spec`` (dtype, layout, N:M divisibility); return it."""
+    check_weight(weight, name)
+    check_divisible(weight.shape[1], spec.nm, name)
+    return weight
+
+
+def apply_mask_(weight: torch.Tensor, norms32: torch.Tensor | None, spec: PruneSpec, *, write_weight: bool,
+                want_mask: bool) -> torch.Tensor | None:
+    """Compute (and with ``write_weight`` apply) the keep-mask; no validation, no host sync.
+
+    The caller has checked ``weight`` with :func:`check_prunable` and passes ``norms32``
+    as ``(in_features,)`` fp32 contiguous on the weight's device (None with
+    ``metric="magnitude"``). Returns the bool keep-mask ``(out, in)`` when ``want_mask``.
+    """
+    if spec.metric == "magnitude":
+        norms32 = None  # the magnitude score ignores activations
+    rows, cols = weight.shape
+    nm = spec.nm
+    chosen = _implementation(spec, cols, weight.device)
+    with torch.no_grad():
+        if chosen == "triton":
+            from .kernels.wanda_mask import launch_wanda_mask
+
+            mask = torch.empty(rows, cols, dtype=torch.bool, device=weight.device) if want_mask else None
+            k = num_pruned(cols, spec.sparsity) if nm is None else None
+            launch_wanda_mask(weight, norms32, k_prune=k, nm=nm, write_weight=write_weight, mask=mask)
+            return mask
+        if nm is not None:
+            keep = _torch_impl.keep_nm(weight, norms32, *nm)
+        elif spec.scope == "layer":
+            keep = _torch_impl.keep_layer(weight, norms32, num_pruned(weight.numel(), spec.sparsity))
+        else:
+            keep = _torch_impl.keep_unstructured(weight, norms32, num_pruned(cols, spec.sparsity))
+        if write_weight:
+            weight.masked_fill_(~keep, 0)
+        return keep if want_mask else None
+
+
+def _implementation(spec: PruneSpec, cols: int, device: torch.device) -> str:
+    """``"triton"`` or ``"torch"`` for this call; ValueError when backend="triton" cannot serve it."""
+    chosen = resolve_backend(spec.backend, device)
+    if chosen != "triton":
+        return chosen
+    if spec.scope == "layer":
+        if spec.backend == "triton":
+            raise ValueError("scope='layer' (one threshold over the whole matrix) has no Triton kernel; "
+                             "use backend='auto' or 'torch'")
+        return "torch"
+    from .kernels.wanda_mask import MAX_UNSTRUCTURED_COLS
+
+    if spec.nm is None and cols > MAX_UNSTRUCTURED_COLS:
+        if spec.backend == "triton":
+            raise ValueError(f"the unstructured Triton kernel holds rows of up to {MAX_UNSTRUCTURED_COLS} "
+                             f"columns; weight has in_features={cols}. Use backend='auto' or 'torch'")
+        logger.info("in_features=%d > %d: using the torch path", cols, MAX_UNSTRUCTURED_COLS)
+        return "torch"
+    return chosen
 
 
 def _weight_of(layer) -> torch.Tensor:
@@ -34,54 +119,13 @@ def _weight_of(layer) -> torch.Tensor:
     raise TypeError(f"layer must be an nn.Linear or a 2-D weight tensor; got {type(layer).__name__}")
 
 
-def _run(weight, norms, sparsity, pattern, metric, backend, scope, *, write_weight, want_mask):
-    """Validate everything, then compute (and optionally apply) the keep-mask."""
-    check_weight(weight)
-    check_choice("metric", metric, METRICS)
-    check_choice("scope", scope, SCOPES)
-    nm = parse_pattern(pattern)
-    sparsity = check_sparsity(sparsity, nm)
-    if nm is not None and scope != "row":
-        raise ValueError(f"scope={scope!r} applies to unstructured sparsity only; got pattern={pattern!r}")
-    rows, cols = weight.shape
-    check_divisible(cols, nm)
+def _run(layer, norms, sparsity, pattern, metric, backend, scope, *, write_weight, want_mask):
+    """The public functions' one validation, then :func:`apply_mask_`."""
+    weight = _weight_of(layer)
+    spec = prune_spec(sparsity, pattern, metric, scope, backend)
+    check_prunable(weight, spec)
     norms32 = check_norms(norms, weight, metric)
-    if metric == "magnitude":
-        norms32 = None  # the magnitude score ignores activations
-    chosen = resolve_backend(backend, weight.device)
-    if scope == "layer" and chosen == "triton":
-        if backend == "triton":
-            raise ValueError("scope='layer' (one threshold over the whole matrix) has no Triton kernel; "
-                             "use backend='auto' or 'torch'")
-        chosen = "torch"
-
-    if chosen == "triton":
-        from .kernels.wanda_mask import MAX_UNSTRUCTURED_COLS
-
-        if nm is None and cols > MAX_UNSTRUCTURED_COLS:
-            if backend == "triton":
-                raise ValueError(f"the unstructured Triton kernel holds rows of up to {MAX_UNSTRUCTURED_COLS} "
-                                 f"columns; weight has in_features={cols}. Use backend='auto' or 'torch'")
-            logger.info("in_features=%d > %d: using the torch path", cols, MAX_UNSTRUCTURED_COLS)
-            chosen = "torch"
-
-    with torch.no_grad():
-        if chosen == "triton":
-            from .kernels.wanda_mask import launch_wanda_mask
-
-            mask = torch.empty(rows, cols, dtype=torch.bool, device=weight.device) if want_mask else None
-            k = num_pruned(cols, sparsity) if nm is None else None
-            launch_wanda_mask(weight, norms32, k_prune=k, nm=nm, write_weight=write_weight, mask=mask)
-            return mask
-        if nm is not None:
-            keep = _torch_impl.keep_nm(weight, norms32, *nm)
-        elif scope == "layer":
-            keep = _torch_impl.keep_layer(weight, norms32, num_pruned(weight.numel(), sparsity))
-        else:
-            keep = _torch_impl.keep_unstructured(weight, norms32, num_pruned(cols, sparsity))
-        if write_weight:
-            weight.masked_fill_(~keep, 0)
-        return keep if want_mask else None
+    return apply_mask_(weight, norms32, spec, write_weight=write_weight, want_mask=want_mask)
 
 
 def prune_(
@@ -130,9 +174,7 @@ def prune_(
     first (unstructured) and kept first (N:M); :mod:`wanda_kernels.reference`
     spells the semantics out.
     """
-    weight = _weight_of(layer)
-    return _run(weight, norms, sparsity, pattern, metric, backend, scope,
-                write_weight=True, want_mask=return_mask)
+    return _run(layer, norms, sparsity, pattern, metric, backend, scope, write_weight=True, want_mask=return_mask)
 
 
 def prune_mask(
@@ -150,6 +192,4 @@ def prune_mask(
     Same arguments as :func:`prune_` (``weight`` may also be an ``nn.Linear``).
     Returns bool ``(out_features, in_features)`` on the weight's device, True = kept.
     """
-    weight = _weight_of(weight)
-    return _run(weight, norms, sparsity, pattern, metric, backend, scope,
-                write_weight=False, want_mask=True)
+    return _run(weight, norms, sparsity, pattern, metric, backend, scope, write_weight=False, want_mask=True)

@@ -1,9 +1,20 @@
-"""Plain-torch twins of every op in wanda_kernels.
+"""Plain-torch twins of the public ops: the oracle of the test suite.
 
-These functions *define* the semantics the fast paths must reproduce, and they are
-the oracle of the test suite. They are written for clarity, not speed: sorts where
-the kernels select, loops where the kernels vectorise. They do no input validation
-beyond what torch does; the public API in :mod:`wanda_kernels` validates.
+These functions *define* the semantics the fast paths must reproduce. They are written
+for clarity, not speed (sorts where the kernels select, loops where they vectorise),
+and they check nothing beyond what defines the semantics (a group of 4 with more than
+two non-zeros has no stored pair). No product module imports this one; it imports the
+product only for shared definitions: ``num_pruned`` (how many weights a row loses) and
+the 2:4 layouts of ``wanda_kernels._layout24``, which two outside oracles pin
+(PyTorch's packer and CUTLASS's own ``fill_layoutE``, see ``tests/``).
+
+Twins: :func:`keep_mask` of ``prune_mask``, :func:`prune` of ``prune_``,
+:func:`accumulate_sq_norms` of ``accumulate_sq_norms_``, :func:`compress_24` /
+:func:`decompress_24` / :func:`decompress_24_sm90` / :func:`meta_sm80_to_sm90` of the
+format functions, and :func:`sequential_prune` of ``prune_model`` (Wanda and
+magnitude). The rest is checked through these: ``prune_compress_24`` against
+``prune`` then ``compress_24``, ``meta_sm90_to_sm80`` as the inverse of
+``meta_sm80_to_sm90``, ``SparseLinear`` against ``F.linear`` on the decompressed weight.
 
 Semantics (Sun, Liu, Bair, Kolter, "A Simple and Effective Pruning Approach for
 Large Language Models"):
@@ -23,10 +34,10 @@ Large Language Models"):
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
-
 import torch
+
+from ._layout24 import FILL_CODE, sm80_offsets, sm90_offsets, to_int16
+from ._validation import num_pruned
 
 __all__ = [
     "num_pruned",
@@ -39,25 +50,13 @@ __all__ = [
     "prune",
     "accumulate_sq_norms",
     "pair_24",
-    "meta_reorder_offsets",
     "compress_24",
     "decompress_24",
-    "meta_sm90_offsets",
     "meta_codes_24",
     "meta_sm80_to_sm90",
     "decompress_24_sm90",
     "sequential_prune",
 ]
-
-
-def num_pruned(numel: int, sparsity: float) -> int:
-    """How many of ``numel`` weights a comparison group prunes: ``floor(sparsity * numel)``.
-
-    The product is taken in exact decimal arithmetic of the sparsity as Python prints
-    it, so ``num_pruned(100, 0.29) == 29`` even though ``0.29 * 100`` is
-    ``28.999999999999996`` in binary floating point.
-    """
-    return math.floor(Fraction(repr(float(sparsity))) * numel)
 
 
 def wanda_score(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
@@ -182,17 +181,7 @@ def accumulate_sq_norms(sq_norms: torch.Tensor, x: torch.Tensor) -> torch.Tensor
 
 
 # ---------------------------------------------------------------------------
-# 2:4 compressed format: CUTLASS sm80 SparseGemm's operand A and its metadata E.
-#
-# values (M, K/2): the two stored elements of every group of 4, in column order.
-# meta   (M, K/16) int16, stored in the layout the kernel reads:
-#   * code of a group = idx0 | idx1 << 2, idx0 < idx1 the positions (0..3) of the two
-#     stored elements; four consecutive groups share one int16, group t at bits 4t;
-#   * rows are reordered within blocks of 32 (row r -> 32*(r//32) + 4*(r%8) + (r%32)//8),
-#     then 2x2 blocks of (row, column) are swizzled from Z to N order
-#     (CUTLASS tools/util/host_reorder.h, reorder_meta);
-#   * the result is stored ColumnMajorInterleaved<2>: element (row, col) at
-#     (col // 2) * (2 * M) + 2 * row + col % 2 (CUTLASS layout/matrix.h).
+# 2:4 compressed format (wanda_kernels/_layout24.py says where each layout puts what).
 
 
 def pair_24(nonzero: tuple[bool, bool, bool, bool]) -> tuple[int, int]:
@@ -211,18 +200,6 @@ def pair_24(nonzero: tuple[bool, bool, bool, bool]) -> tuple[int, int]:
             picked.append(filler)
     idx0, idx1 = sorted(picked)
     return idx0, idx1
-
-
-def meta_reorder_offsets(m: int, meta_cols: int) -> torch.Tensor:
-    """Flat storage offset of every plain metadata element ``(row, col)``; int64 ``(m, meta_cols)``."""
-    rows = torch.arange(m)[:, None].expand(m, meta_cols)
-    cols = torch.arange(meta_cols)[None, :].expand(m, meta_cols)
-    dst_row = rows // 32 * 32 + (rows % 8) * 4 + (rows % 32) // 8
-    dst_col = cols.clone()
-    z_to_n = (dst_row % 2 == 0) & (dst_col % 2 == 1)
-    n_to_z = (dst_row % 2 == 1) & (dst_col % 2 == 0)
-    dst_row, dst_col = dst_row + z_to_n.long() - n_to_z.long(), dst_col - z_to_n.long() + n_to_z.long()
-    return (dst_col // 2) * (2 * m) + dst_row * 2 + dst_col % 2
 
 
 def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,8 +221,8 @@ def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes = (pairs[..., 0] | (pairs[..., 1] << 2)).reshape(m, k // 16, 4)
     plain = codes[..., 0] | (codes[..., 1] << 4) | (codes[..., 2] << 8) | (codes[..., 3] << 12)
     meta = torch.empty(m * (k // 16), dtype=torch.int64, device=weight.device)
-    meta[meta_reorder_offsets(m, k // 16).reshape(-1).to(weight.device)] = plain.reshape(-1)
-    return values, _to_int16(meta).reshape(m, k // 16)
+    meta[sm80_offsets(m, k // 16).reshape(-1).to(weight.device)] = plain.reshape(-1)
+    return values, to_int16(meta).reshape(m, k // 16)
 
 
 def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
@@ -263,46 +240,14 @@ def _dense_from_codes(values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor
 
 
 # ---------------------------------------------------------------------------
-# The same 2:4 weight for Hopper's sparse wgmma (CUTLASS 3.x sm90 kernels).
-#
-# values: the same (M, K/2) tensor as above (CUTLASS's fill_layoutA for a K-major A
-# is plain row-major with K/2 stored elements per row).
-# meta E: the same 4-bit code per group of 4 (idx0 | idx1 << 2), at another place:
-# CUTLASS's Sm90GemmSparseConfig::fill_layoutE for 16-bit types and tile K >= 128
-# (sm90_sparse_config.inl). E is padded to M64 = round_up(M, 64) rows and
-# K128 = round_up(K, 128) columns, and is tiled by a 64 x 128 atom of 8192 logical
-# elements, stacked along M first (atom stride 8192), then along K (stride M64*128).
-# Inside the atom, for m = m0 + 8*m1 + 16*m2 and k = k0 + 16*k1 + 32*k2
-# (m0 < 8, m1 < 2, m2 < 4, k0 < 16, k1 < 2, k2 < 4):
-#     offset = k0 + 16*m1 + 32*k2 + 128*m0 + 1024*k1 + 2048*m2
-# in logical elements; each byte of E covers 8 of them, so group (m, k/4) lives in
-# byte offset // 8, low nibble when offset % 8 == 0, high nibble when it is 4.
-# Padding groups hold code 0xE (positions 2, 3: the code of an all-zero group).
-
-SM90_META_ROW_MULTIPLE = 64
-SM90_META_COL_MULTIPLE = 128
-SM90_META_FILL = 0xE
-
-
-def meta_sm90_offsets(m: int, k: int) -> torch.Tensor:
-    """Logical offset in E of the first element of every group of 4; int64 ``(M64, K128 / 4)``.
-
-    ``m, k``: the weight's rows and columns (any; they are rounded up to 64 and 128).
-    """
-    m64 = -(-m // SM90_META_ROW_MULTIPLE) * SM90_META_ROW_MULTIPLE
-    k128 = -(-k // SM90_META_COL_MULTIPLE) * SM90_META_COL_MULTIPLE
-    r = torch.arange(m64)[:, None]
-    c = 4 * torch.arange(k128 // 4)[None, :]
-    m0, m1, m2, mb = r % 8, (r // 8) % 2, (r // 16) % 4, r // 64
-    k0, k1, k2, kb = c % 16, (c // 16) % 2, (c // 32) % 4, c // 128
-    in_atom = k0 + 16 * m1 + 32 * k2 + 128 * m0 + 1024 * k1 + 2048 * m2
-    return in_atom + 8192 * mb + (m64 * 128) * kb
+# The same 2:4 weight for Hopper's sparse wgmma (CUTLASS 3.x sm90 kernels): the same
+# values, the same 4-bit codes at the places of sm90_offsets, padding groups 0xE.
 
 
 def meta_codes_24(meta: torch.Tensor) -> torch.Tensor:
     """The 4-bit code of every group, ``(M, K/4)`` int64, from sm80 ``meta (M, K/16)``."""
     m, meta_cols = meta.shape
-    offsets = meta_reorder_offsets(m, meta_cols).to(meta.device)
+    offsets = sm80_offsets(m, meta_cols).to(meta.device)
     plain = meta.reshape(-1).long().bitwise_and(0xFFFF)[offsets.reshape(-1)].reshape(m, meta_cols)
     return torch.stack([(plain >> (4 * t)) & 0xF for t in range(4)], dim=-1).reshape(m, 4 * meta_cols)
 
@@ -315,13 +260,13 @@ def meta_sm80_to_sm90(meta: torch.Tensor) -> torch.Tensor:
     """
     m, k = meta.shape[0], 16 * meta.shape[1]
     codes = meta_codes_24(meta)
-    offsets = meta_sm90_offsets(m, k)
-    nibbles = torch.full((offsets.numel(),), SM90_META_FILL, dtype=torch.int64)
+    offsets = sm90_offsets(m, k)
+    nibbles = torch.full((offsets.numel(),), FILL_CODE, dtype=torch.int64)
     real = offsets[:m, : k // 4].reshape(-1) // 4  # nibble index: a group's 4 logical elements share a nibble
     nibbles[real] = codes.cpu().reshape(-1)
     e_bytes = nibbles[0::2] | (nibbles[1::2] << 4)  # low nibble first
     e16 = e_bytes[0::2] | (e_bytes[1::2] << 8)  # little-endian int16 view of the bytes
-    return _to_int16(e16).reshape(offsets.shape[0], offsets.shape[1] // 4).to(meta.device)
+    return to_int16(e16).reshape(offsets.shape[0], offsets.shape[1] // 4).to(meta.device)
 
 
 def decompress_24_sm90(values: torch.Tensor, meta_e: torch.Tensor) -> torch.Tensor:
@@ -330,13 +275,8 @@ def decompress_24_sm90(values: torch.Tensor, meta_e: torch.Tensor) -> torch.Tens
     e16 = meta_e.reshape(-1).long().bitwise_and(0xFFFF).cpu()
     e_bytes = torch.stack((e16 & 0xFF, e16 >> 8), dim=-1).reshape(-1)
     nibbles = torch.stack((e_bytes & 0xF, e_bytes >> 4), dim=-1).reshape(-1)
-    offsets = meta_sm90_offsets(m, k)[:m, : k // 4]
+    offsets = sm90_offsets(m, k)[:m, : k // 4]
     return _dense_from_codes(values, nibbles[offsets // 4])
-
-
-def _to_int16(x: torch.Tensor) -> torch.Tensor:
-    """int64 holding 16-bit patterns -> int16 with the same bits (two's complement)."""
-    return (((x & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16)
 
 
 # ---------------------------------------------------------------------------

@@ -1,35 +1,37 @@
-"""The 2:4 compressed format of CUTLASS's sparse GEMM: compress, decompress, fused prune+compress.
+"""The 2:4 compressed format of CUTLASS's sparse GEMMs: compress, decompress, convert, fused prune+compress.
 
-Format (``wanda_kernels.reference`` spells it out): for a 2:4 weight ``(M, K)``,
-``values (M, K/2)`` holds the two stored elements of every group of 4 and
-``meta (M, K/16)`` int16 their positions, 4 bits per group, in the reordered,
-interleaved layout that ``cutlass::gemm::device::SparseGemm`` reads. It is the format
-of PyTorch's ``to_sparse_semi_structured`` CUTLASS backend, bit for bit.
-
-Hopper's sparse wgmma kernels (CUTLASS 3.x, sm90a) read the same ``values`` and the same
-4-bit codes, at other places: ``meta_format="sm90"`` gives CUTLASS's
-``Sm90GemmSparseConfig::fill_layoutE`` layout, padded to ``(round_up(M, 64),
-round_up(K, 128) / 16)`` int16 words. Both layouts keep the four codes of 16
-consecutive columns of a row together in one little-endian 16-bit word, so converting
-is a permutation of words (:func:`meta_sm80_to_sm90`, :func:`meta_sm90_to_sm80`).
+For a 2:4 weight ``(M, K)``, ``values (M, K/2)`` holds the two stored elements of every
+group of 4 and ``meta`` int16 their positions, 4 bits per group, in the layout of the
+kernel that reads it: ``meta_format="sm80"``, ``(M, K/16)``, the reordered, interleaved
+layout of ``cutlass::gemm::device::SparseGemm`` and of PyTorch's
+``to_sparse_semi_structured`` CUTLASS backend, bit for bit; or ``"sm90"``, CUTLASS 3.x's
+``fill_layoutE`` for Hopper's sparse wgmma, padded to ``(round_up(M, 64),
+round_up(K, 128) / 16)``. ``values`` are the same for both; converting the metadata is a
+permutation of words (:func:`meta_sm80_to_sm90`, :func:`meta_sm90_to_sm80`).
+``wanda_kernels/_layout24.py`` defines where each layout puts what.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
 from . import _torch_impl
 from ._backend import resolve_backend
-from ._validation import check_choice, check_norms
-from .reference import (
-    SM90_META_COL_MULTIPLE,
-    SM90_META_FILL,
-    SM90_META_ROW_MULTIPLE,
-    meta_reorder_offsets,
-    meta_sm90_offsets,
+from ._layout24 import (
+    COL_MULTIPLE,
+    DTYPES_24,
+    META_FORMATS,
+    ROW_MULTIPLE,
+    filled_meta,
+    meta_from_plain,
+    meta_shape,
+    pack_codes,
+    plain_words,
+    round_up,
+    stored_pair,
+    unpack_codes,
 )
+from ._validation import BACKENDS, METRICS, check_choice, check_norms, check_positive_int
 
 __all__ = [
     "compress_24",
@@ -40,24 +42,15 @@ __all__ = [
     "meta_sm80_to_sm90",
     "meta_sm90_to_sm80",
     "meta_shape",
+    "padded_shape",
 ]
 
-DTYPES_24 = (torch.float16, torch.bfloat16)
-ROW_MULTIPLE = 32  # metadata rows are reordered in blocks of 32
-COL_MULTIPLE = 64  # the GEMM's threadblock K; also makes the metadata columns even
-META_FORMATS = ("sm80", "sm90")
-_SM90_FILL_WORD = SM90_META_FILL * 0x1111 - 0x10000  # four fill codes, as a signed int16
 
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def meta_shape(m: int, k: int, meta_format: str = "sm80") -> tuple[int, int]:
-    """Shape of the int16 metadata of a padded ``(M, K)`` weight in ``meta_format``."""
-    if meta_format == "sm90":
-        return _round_up(m, SM90_META_ROW_MULTIPLE), _round_up(k, SM90_META_COL_MULTIPLE) // 16
-    return m, k // 16
+def padded_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    """The ``(M, K)`` a ``(out_features, in_features)`` weight is zero-padded to for the 2:4 format."""
+    check_positive_int("out_features", out_features)
+    check_positive_int("in_features", in_features)
+    return round_up(out_features, ROW_MULTIPLE), round_up(in_features, COL_MULTIPLE)
 
 
 def _check_24_weight(weight, name: str = "weight") -> None:
@@ -100,52 +93,11 @@ def check_24_sparse(weight: torch.Tensor, name: str = "weight") -> None:
         )
 
 
-@functools.lru_cache(maxsize=64)
-def _meta_gather_index(m: int, meta_cols: int, device: torch.device) -> torch.Tensor:
-    """Storage position s -> plain (row-major) index of the metadata element stored there."""
-    offsets = meta_reorder_offsets(m, meta_cols).reshape(-1)
-    return torch.argsort(offsets).to(device)
-
-
-@functools.lru_cache(maxsize=64)
-def _meta_sm90_index(m: int, k: int, device: torch.device) -> torch.Tensor:
-    """Plain (row-major) metadata word ``(row, col)`` -> its index in the flat sm90 E; ``(m * k/16,)``."""
-    words = meta_sm90_offsets(m, k)[:m, 0 : k // 4 : 4] // 16  # the word of columns 16c..16c+15
-    return words.reshape(-1).to(device)
-
-
-# Both layouts are permutations of the same "plain" words: word (row, c) holds the four
-# codes of columns 16c..16c+15 of that row. These two helpers are the only places that
-# know where each layout puts a word.
-
-
-def _plain_words(meta: torch.Tensor, m: int, k: int, meta_format: str) -> torch.Tensor:
-    """Flat plain words ``(m * k/16,)`` int16 from ``meta`` in ``meta_format`` (a padded ``(m, k)`` weight)."""
-    if meta_format == "sm90":
-        return meta.reshape(-1)[_meta_sm90_index(m, k, meta.device)]
-    plain = torch.empty(m * (k // 16), dtype=torch.int16, device=meta.device)
-    plain[_meta_gather_index(m, k // 16, meta.device)] = meta.reshape(-1)
-    return plain
-
-
-def _meta_from_plain(plain: torch.Tensor, m: int, k: int, meta_format: str) -> torch.Tensor:
-    """Inverse of :func:`_plain_words`: the metadata tensor in ``meta_format``."""
-    if meta_format == "sm90":
-        e_rows, e_cols = meta_shape(m, k, "sm90")
-        e = torch.full((e_rows * e_cols,), _SM90_FILL_WORD, dtype=torch.int16, device=plain.device)
-        e[_meta_sm90_index(m, k, plain.device)] = plain
-        return e.reshape(e_rows, e_cols)
-    return plain[_meta_gather_index(m, k // 16, plain.device)].reshape(m, k // 16)
-
-
 def _check_meta(meta, out_features: int, in_features: int, meta_format: str) -> tuple[int, int]:
     """Validate ``meta`` for a layer ``(out_features, in_features)``; returns the padded ``(M, K)``."""
     if not isinstance(meta, torch.Tensor):
         raise TypeError(f"meta must be a torch.Tensor; got {type(meta).__name__}")
-    for name, v in (("out_features", out_features), ("in_features", in_features)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive int; got {v!r}")
-    m, k = _round_up(out_features, ROW_MULTIPLE), _round_up(in_features, COL_MULTIPLE)
+    m, k = padded_shape(out_features, in_features)
     want = meta_shape(m, k, meta_format)
     if meta.dtype != torch.int16 or tuple(meta.shape) != want:
         raise ValueError(f"meta in the {meta_format} format for a ({out_features}, {in_features}) weight (padded to "
@@ -167,28 +119,13 @@ def meta_sm80_to_sm90(meta: torch.Tensor, out_features: int, in_features: int) -
         One gather, no host synchronisation.
     """
     m, k = _check_meta(meta, out_features, in_features, "sm80")
-    return _meta_from_plain(_plain_words(meta, m, k, "sm80"), m, k, "sm90")
+    return meta_from_plain(plain_words(meta, m, k, "sm80"), m, k, "sm90")
 
 
 def meta_sm90_to_sm80(meta: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """Inverse of :func:`meta_sm80_to_sm90`: sm90 E -> ``(M, K/16)`` int16, PyTorch's layout."""
     m, k = _check_meta(meta, out_features, in_features, "sm90")
-    return _meta_from_plain(_plain_words(meta, m, k, "sm90"), m, k, "sm80")
-
-
-def _pairs(nonzero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored positions (idx0, idx1) per group from its non-zero flags ``(..., 4)``.
-
-    The non-zero positions, filled up with position 2, then 3 (reference.pair_24).
-    """
-    pos = torch.arange(4, device=nonzero.device)
-    count = nonzero.sum(-1)
-    first = torch.where(nonzero, pos, 4).amin(-1)
-    last = torch.where(nonzero, pos, -1).amax(-1)
-    single_low = (count == 1) & (first < 2)
-    idx0 = torch.where(count == 2, first, torch.where(single_low, first, 2))
-    idx1 = torch.where(count == 2, last, torch.where(single_low, 2, 3))
-    return idx0, idx1
+    return meta_from_plain(plain_words(meta, m, k, "sm90"), m, k, "sm80")
 
 
 def compress_24(weight: torch.Tensor, *, meta_format: str = "sm80") -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,12 +151,9 @@ def compress_24(weight: torch.Tensor, *, meta_format: str = "sm80") -> tuple[tor
     check_24_sparse(weight)
     m, k = weight.shape
     groups = weight.reshape(m, k // 4, 4)
-    idx0, idx1 = _pairs(groups != 0)
+    idx0, idx1 = stored_pair(groups != 0)
     values = torch.stack((groups.gather(2, idx0[..., None]), groups.gather(2, idx1[..., None])), dim=-1)
-    codes = (idx0 | (idx1 << 2)).reshape(m, k // 16, 4)
-    plain = codes[..., 0] | (codes[..., 1] << 4) | (codes[..., 2] << 8) | (codes[..., 3] << 12)
-    plain16 = (((plain & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16)  # 16-bit pattern, two's complement
-    return values.reshape(m, k // 2).contiguous(), _meta_from_plain(plain16.reshape(-1), m, k, meta_format)
+    return values.reshape(m, k // 2).contiguous(), meta_from_plain(pack_codes(idx0, idx1), m, k, meta_format)
 
 
 def decompress_24(values: torch.Tensor, meta: torch.Tensor, *, meta_format: str = "sm80") -> torch.Tensor:
@@ -250,9 +184,7 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor, *, meta_format: str 
     if m % ROW_MULTIPLE or k % COL_MULTIPLE:
         raise ValueError(f"values of shape {tuple(values.shape)} do not come from an (M, K) weight with "
                          f"M % {ROW_MULTIPLE} == 0 and K % {COL_MULTIPLE} == 0")
-    plain = _plain_words(meta, m, k, meta_format).to(torch.int32) & 0xFFFF
-    nib = torch.stack([(plain >> (4 * t)) & 0xF for t in range(4)], dim=-1).reshape(m, k // 4)
-    pos = torch.stack((nib & 0x3, nib >> 2), dim=-1).long()
+    pos = torch.stack(unpack_codes(plain_words(meta, m, k, meta_format), m, k), dim=-1)
     dense = torch.zeros(m, k // 4, 4, dtype=values.dtype, device=values.device)
     dense.scatter_(2, pos, values.reshape(m, k // 4, 2))
     return dense.reshape(m, k)
@@ -285,8 +217,9 @@ def prune_compress_24(
         ``(values (M, K/2), meta)`` as :func:`compress_24`.
     """
     _check_24_weight(weight)
-    check_choice("metric", metric, ("wanda", "magnitude"))
+    check_choice("metric", metric, METRICS)
     check_choice("meta_format", meta_format, META_FORMATS)
+    check_choice("backend", backend, BACKENDS)
     norms32 = check_norms(norms, weight, metric)
     if metric == "magnitude":
         norms32 = None
@@ -298,7 +231,7 @@ def prune_compress_24(
 
             values = torch.empty(m, k // 2, dtype=weight.dtype, device=weight.device)
             if meta_format == "sm90":  # padding words are not written by the kernel
-                meta = torch.full(meta_shape(m, k, "sm90"), _SM90_FILL_WORD, dtype=torch.int16, device=weight.device)
+                meta = filled_meta(m, k, "sm90", weight.device)
             else:
                 meta = torch.empty(m, k // 16, dtype=torch.int16, device=weight.device)
             launch_prune_compress_24(weight, norms32, values, meta, meta_format)

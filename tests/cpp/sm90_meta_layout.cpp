@@ -6,7 +6,7 @@
 // group of 4 columns g < K128 / 4, the logical offset fill_layoutE(M, N, K, 1) gives
 // to element (m, 4g), one row per line. tests/test_sm90_meta.py compiles this with
 // plain g++ (cute layouts are host code) and compares it with
-// wanda_kernels.reference.meta_sm90_offsets and wanda_kernels.meta_sm80_to_sm90.
+// wanda_kernels._layout24.sm90_offsets and wanda_kernels.meta_sm80_to_sm90.
 //
 // The configuration is the one csrc/sparse24_sm90.cu's kernels use: a K-major sparse A
 // of 16-bit elements (sparse_elem<2, T>), 8-bit metadata elements covering 8 logical

@@ -22,7 +22,7 @@ _MAX_ITERS = 64  # at most 2048 tokens per program; more tokens mean more progra
 
 
 @triton.jit
-def _sq_norms_kernel(
+def sq_norms_kernel(
     x_ptr,  # (tokens, cols) fp16/bf16/fp32, any strides
     partial_ptr,  # (splits, cols) fp32, contiguous
     n_tokens,
@@ -69,7 +69,7 @@ def launch_sq_norms(sq_norms: torch.Tensor, x2d: torch.Tensor) -> None:
     splits = triton.cdiv(tokens, iters * _BLOCK_T)
     partial = torch.empty(splits, cols, dtype=torch.float32, device=x2d.device)
     with torch.cuda.device(x2d.device) if x2d.is_cuda else contextlib.nullcontext():
-        _sq_norms_kernel[(col_blocks, splits)](
+        sq_norms_kernel[(col_blocks, splits)](
             x2d, partial, tokens, cols, x2d.stride(0), x2d.stride(1),
             BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, ITERS=iters, num_warps=4,
         )

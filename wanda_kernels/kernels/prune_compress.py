@@ -4,7 +4,7 @@ One pass over W: score, keep the 2 best of every 4, and write the kept values
 ``(M, K/2)`` and the int16 metadata in the sm80 layout ``(M, K/16)`` or the sm90 layout,
 never a dense masked copy.
 The output equals ``prune_(W, norms, pattern="2:4")`` followed by ``compress_24(W)``
-bit for bit (see ``wanda_kernels.reference`` for the format).
+bit for bit (see ``wanda_kernels._layout24`` for the format).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ _BLOCK_E = 64  # metadata elements (16 weights each) per program
 
 
 @triton.jit
-def _prune_compress_24_kernel(
+def prune_compress_24_kernel(
     w_ptr,  # (M, K) fp16/bf16, any strides
     norms_ptr,  # (K,) fp32; unused unless USE_NORMS
     values_ptr,  # (M, K/2) contiguous, viewed as int16
@@ -59,8 +59,8 @@ def _prune_compress_24_kernel(
         rank += ((k_jj > key) | ((k_jj == key) & (jj < j3))).to(tl.int32)
     keep = rank < 2
 
-    # The stored pair, exactly as compress_24 derives it from the pruned dense weight:
-    # the non-zero kept positions, filled up with position 2, then 3.
+    # The stored pair, exactly as compress_24 derives it from the pruned dense weight
+    # (_layout24.stored_pair): the non-zero kept positions, filled up with 2, then 3.
     # Compare in fp32: the interpreter holds bf16 as raw uint16, where -0.0 != 0.0.
     nz = keep & (w.to(tl.float32) != 0.0)
     count = tl.sum(nz.to(tl.int32), axis=2)
@@ -85,7 +85,7 @@ def _prune_compress_24_kernel(
     if META_SM90:
         # CUTLASS 3.x Sm90GemmSparseConfig::fill_layoutE, in 16-bit words (16 columns):
         # row = m0 + 8*m1 + 16*m2 + 64*mb, word column = k1 + 2*k2 + 8*kb
-        # (reference.meta_sm90_offsets, divided by 16).
+        # (_layout24.sm90_offsets, divided by 16).
         m0 = row % 8
         m1 = (row // 8) % 2
         m2 = (row // 16) % 4
@@ -96,7 +96,7 @@ def _prune_compress_24_kernel(
         dst = m1 + 2 * k2 + 8 * m0 + 64 * k1 + 128 * m2 + 512 * mb + (e_rows * 8) * kb
     else:
         # CUTLASS's reorder_meta (rows within blocks of 32, 2x2 Z->N swizzle) and
-        # ColumnMajorInterleaved<2> storage.
+        # ColumnMajorInterleaved<2> storage (_layout24.sm80_offsets).
         dst_row = row // 32 * 32 + (row % 8) * 4 + (row % 32) // 8
         z_to_n = ((dst_row % 2) == 0) & ((mcol % 2) == 1)
         n_to_z = ((dst_row % 2) == 1) & ((mcol % 2) == 0)
@@ -121,7 +121,7 @@ def launch_prune_compress_24(weight: torch.Tensor, norms32: torch.Tensor | None,
     n_meta = m * (k // 16)
     norms_arg = norms32 if norms32 is not None else weight
     with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
-        _prune_compress_24_kernel[(triton.cdiv(n_meta, _BLOCK_E),)](
+        prune_compress_24_kernel[(triton.cdiv(n_meta, _BLOCK_E),)](
             weight, norms_arg, values.view(torch.int16), meta, m, (m + 63) // 64 * 64, k, weight.stride(0),
             weight.stride(1), USE_NORMS=norms32 is not None, META_SM90=meta_format == "sm90", BLOCK_E=_BLOCK_E,
             num_warps=4,

@@ -23,7 +23,7 @@ MAX_UNSTRUCTURED_COLS = 65536
 
 
 @triton.jit
-def _wanda_mask_kernel(
+def wanda_mask_kernel(
     w_ptr,  # (rows, cols) fp16/bf16/fp32/fp64, pruned in place when WRITE_WEIGHT
     norms_ptr,  # (cols,) fp32, contiguous; unused unless USE_NORMS
     mask_ptr,  # (rows, cols) uint8 (a torch.bool viewed as bytes); unused unless WRITE_MASK
@@ -78,7 +78,7 @@ def _wanda_mask_kernel(
 
 
 @triton.jit
-def _wanda_nm_mask_kernel(
+def wanda_nm_mask_kernel(
     w_ptr,  # (rows, cols) fp16/bf16/fp32/fp64, pruned in place when WRITE_WEIGHT
     norms_ptr,  # (cols,) fp32, contiguous; unused unless USE_NORMS
     mask_ptr,  # (rows, cols) uint8; unused unless WRITE_MASK
@@ -160,7 +160,7 @@ def launch_wanda_mask(
     with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
         if nm is None:
             block_n = triton.next_power_of_2(cols)
-            _wanda_mask_kernel[(rows,)](
+            wanda_mask_kernel[(rows,)](
                 weight, norms_arg, mask_arg, cols, k_prune,
                 weight.stride(0), weight.stride(1), stride_mr,
                 USE_NORMS=use_norms, WRITE_WEIGHT=write_weight, WRITE_MASK=mask is not None,
@@ -173,7 +173,7 @@ def launch_wanda_mask(
             # (H100, tune_mask.py: 128 groups for 2:4, 32 for 4:8, within 5% of the best.)
             block_g = min(max(1, 2048 // (m_pad * m_pad)), triton.next_power_of_2(cols // m))
             grid = (rows, triton.cdiv(cols // m, block_g))
-            _wanda_nm_mask_kernel[grid](
+            wanda_nm_mask_kernel[grid](
                 weight, norms_arg, mask_arg, cols,
                 weight.stride(0), weight.stride(1), stride_mr,
                 N=n, M=m, M_PAD=m_pad, BLOCK_G=block_g,

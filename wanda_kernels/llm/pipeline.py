@@ -12,26 +12,32 @@ blocks that hold linear layers, and their keyword arguments (attention mask, pos
 ids, ``position_embeddings``...) are whatever the model passed to its first layer:
 no model-name checks. Only linear layers inside decoder layers are pruned
 (``nn.Linear``, and GPT-2's ``Conv1D``, whose transposed weight is pruned as a view).
+
+Each method is one entry of :data:`METHODS`: what it collects while a layer runs, and
+how it prunes one linear with that. Every option and every linear's shape is checked
+before the first weight changes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from .norms import ActNormCollector
-from .prune import prune_
-from .sparsegpt import sparsegpt_prune_
+from .._validation import check_choice, check_positive_int
+from ..norms import ActNormCollector
+from ..prune import PruneSpec, apply_mask_, check_prunable, prune_spec
+from .sparsegpt import collect_hessians, sparsegpt_prune_
 
 logger = logging.getLogger("wanda_kernels")
 
-__all__ = ["prune_model", "PruneReport", "find_decoder_layers", "capture_layer_inputs"]
-
-METHODS = ("wanda", "magnitude", "sparsegpt")
+__all__ = ["prune_model", "PruneReport", "find_decoder_layers", "capture_layer_inputs", "METHODS"]
 
 
 @dataclass
@@ -144,6 +150,52 @@ def _layer_out(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+# -- the methods: what each collects from a decoder layer's calibration run, and how it prunes one linear
+
+
+def _collect_norms(layer: nn.Module, linears: dict[str, nn.Module], run: Callable[[], None], backend: str) -> dict:
+    """Wanda: ``{name: ||X_j||_2}`` (fp32 ``(in_features,)``) of every linear's inputs over the run."""
+    names = set(linears)
+    types = tuple({type(m) for m in linears.values()})
+    with ActNormCollector(layer, include=lambda n, m: n in names, module_types=types, backend=backend) as col:
+        run()
+    norms = col.norms()
+    missing = names - set(norms)
+    if missing:
+        raise RuntimeError(f"linear layers {sorted(missing)} saw no input during calibration")
+    return norms
+
+
+def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Module], run: Callable[[], None], backend: str) -> dict:
+    """SparseGPT: ``{name: X^T X}`` (fp32 ``(in, in)``) of every linear's inputs over the run."""
+    return collect_hessians(linears, run)
+
+
+def _prune_by_score(weight: torch.Tensor, norms: torch.Tensor | None, spec: PruneSpec) -> None:
+    apply_mask_(weight, norms, spec, write_weight=True, want_mask=False)
+
+
+def _prune_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, spec: PruneSpec) -> None:
+    sparsegpt_prune_(weight, hessian, spec.sparsity, nm=spec.nm)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pruning method: ``collect(layer, linears, run, backend) -> {name: stats}`` (None: needs no
+    activations) and ``prune(weight (out, in), stats of that linear or None, spec)``, in place."""
+
+    collect: Callable | None
+    prune: Callable[[torch.Tensor, torch.Tensor | None, PruneSpec], None]
+    metric: str = "wanda"  # the score of the mask selection, for methods that select by score
+
+
+METHODS: dict[str, Method] = {
+    "wanda": Method(collect=_collect_norms, prune=_prune_by_score),
+    "magnitude": Method(collect=None, prune=_prune_by_score, metric="magnitude"),
+    "sparsegpt": Method(collect=_collect_hessians, prune=_prune_sparsegpt),
+}
+
+
 def prune_model(
     model: nn.Module,
     calib: torch.Tensor,
@@ -163,7 +215,7 @@ def prune_model(
     Args:
         model: a Hugging Face decoder-only model (or any model whose decoder layers form an
             ``nn.ModuleList`` and whose forward takes ``input_ids``), in eval mode.
-        calib: ``(nsamples, seqlen)`` int64 token ids (see :func:`wanda_kernels.data.sample_windows`).
+        calib: ``(nsamples, seqlen)`` int64 token ids (see :func:`wanda_kernels.llm.data.sample_windows`).
         sparsity: fraction per output row (unstructured), default 0.5; with ``pattern="N:M"``
             leave it unset (it is ``1 - N/M``) or pass exactly that.
         pattern: ``"unstructured"`` or ``"N:M"``.
@@ -180,32 +232,40 @@ def prune_model(
     Returns:
         A :class:`PruneReport` with the sparsity reached per linear and the time per layer.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    check_choice("method", method, tuple(METHODS))
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
         raise ValueError(f"calib must be an int64 tensor (nsamples, seqlen); got "
                          f"{getattr(calib, 'dtype', type(calib).__name__)} {tuple(getattr(calib, 'shape', ()))}")
+    for name, value in (("nsamples", nsamples), ("seqlen", seqlen)):
+        if value is not None:
+            check_positive_int(name, value)
     calib = calib[: nsamples or calib.shape[0], : seqlen or calib.shape[1]]
     if method != "magnitude" and scope not in (None, "row"):
         raise ValueError(f"scope={scope!r} applies to method='magnitude' only")
     if method == "magnitude" and scope is None:
         scope = "layer" if pattern == "unstructured" else "row"
-    from ._validation import check_sparsity, parse_pattern
-
-    nm = parse_pattern(pattern)
-    sparsity = check_sparsity(sparsity, nm)
+    chosen = METHODS[method]
+    spec = prune_spec(sparsity, pattern, chosen.metric, scope or "row", backend)
     device = torch.device(device) if device is not None else None
+    layers_name, layers = find_decoder_layers(model)
+    for index, layer in enumerate(layers):  # every linear, before any is touched
+        for name, mod in linear_layers(layer).items():
+            check_prunable(_linear_weight(mod), spec, name=f"{layers_name}.{index}.{name}.weight")
 
     t_start = time.perf_counter()
-    _, layers = find_decoder_layers(model)
-    report = PruneReport(method=method, pattern=pattern, sparsity=sparsity, nsamples=calib.shape[0],
+    report = PruneReport(method=method, pattern=pattern, sparsity=spec.sparsity, nsamples=calib.shape[0],
                          seqlen=calib.shape[1])
     inps = kwargs = None
-    if method != "magnitude":  # magnitude needs no activations
+    if chosen.collect is not None:
         t0 = time.perf_counter()
         inps, kwargs = capture_layer_inputs(model, layers[0], calib, device)
         report.forward_seconds += time.perf_counter() - t0
 
+    # Read back once, after the last layer: zeros per linear, and whether any activation
+    # norm was not finite. Nothing on the per-layer path waits for the GPU except the
+    # phase timings (_synchronize).
+    zeros: list[tuple[LayerReport, str, int, torch.Tensor]] = []  # (report, linear, numel, zero count)
+    nonfinite: list[tuple[int, torch.Tensor]] = []
     bar = _progress(layers, progress, f"{method} {pattern}")
     for index, layer in enumerate(bar):
         t_layer = time.perf_counter()
@@ -214,35 +274,61 @@ def prune_model(
         if work != home:
             layer.to(work)
         linears = linear_layers(layer)
-        if method == "magnitude":
-            t0 = time.perf_counter()
-            for mod in linears.values():
-                prune_(_linear_weight(mod), None, sparsity, pattern=pattern, metric="magnitude", scope=scope,
-                       backend=backend)
-            report.prune_seconds += time.perf_counter() - t0
-        else:
+        stats: dict = {}
+        if chosen.collect is not None:
             inps, kw = inps.to(work), _to(kwargs, work)
             t0 = time.perf_counter()
-            stats = _calibrate(layer, linears, inps, kw, method, backend)
+            stats = chosen.collect(layer, linears, functools.partial(_run_layer, layer, inps, kw), backend)
+            _synchronize(work)
             report.forward_seconds += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for name, mod in linears.items():
-                if method == "wanda":
-                    prune_(_linear_weight(mod), stats[name], sparsity, pattern=pattern, backend=backend)
-                else:
-                    sparsegpt_prune_(_linear_weight(mod), stats[name], sparsity, nm=nm)
-            report.prune_seconds += time.perf_counter() - t0
+            if method == "wanda":
+                nonfinite.append((index, torch.stack([~torch.isfinite(v).all() for v in stats.values()]).any()))
+        t0 = time.perf_counter()
+        for name, mod in linears.items():
+            chosen.prune(_linear_weight(mod), stats.get(name), spec)
+        _synchronize(work)
+        report.prune_seconds += time.perf_counter() - t0
+        if chosen.collect is not None:
             t0 = time.perf_counter()
             inps = _run_layer(layer, inps, kw)  # the next layer sees the pruned layer's outputs
+            _synchronize(work)
             report.forward_seconds += time.perf_counter() - t0
-        report.layers.append(LayerReport(index=index, seconds=time.perf_counter() - t_layer, sparsity={
-            name: float((_linear_weight(mod) == 0).float().mean()) for name, mod in linears.items()}))
+        layer_report = LayerReport(index=index, seconds=time.perf_counter() - t_layer, sparsity={})
+        report.layers.append(layer_report)
+        for name, mod in linears.items():
+            weight = _linear_weight(mod)
+            zeros.append((layer_report, name, weight.numel(), (weight == 0).sum()))
         if work != home:
             layer.to(home)  # the activations stay on the working device for the next layer
+    for (layer_report, name, numel, _), count in zip(zeros, _to_host([c for *_, c in zeros])):
+        layer_report.sparsity[name] = count / numel
+    bad = [index for (index, _), flag in zip(nonfinite, _to_host([f for _, f in nonfinite])) if flag]
+    if bad:
+        warnings.warn(f"decoder layers {bad} saw non-finite activations during calibration (overflow in "
+                      f"{next(iter(model.parameters())).dtype}?): their Wanda scores, and masks, are not meaningful",
+                      RuntimeWarning, stacklevel=2)
     report.total_seconds = time.perf_counter() - t_start
     logger.info("pruned %d decoder layers (%s, %s) in %.1f s; mean sparsity %.4f", len(layers), method, pattern,
                 report.total_seconds, report.overall_sparsity())
     return report
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work, so that a phase's time is its own (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _to_host(scalars: list[torch.Tensor]) -> list:
+    """Python numbers from 0-d tensors on any devices, one transfer per device."""
+    out: list = [None] * len(scalars)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(scalars):
+        by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        for i, v in zip(idx, torch.stack([scalars[i] for i in idx]).tolist()):
+            out[i] = v
+    return out
 
 
 @torch.no_grad()
@@ -251,34 +337,6 @@ def _run_layer(layer, inps, kwargs):
     for j in range(inps.shape[0]):
         out[j : j + 1] = _layer_out(layer(inps[j : j + 1], **kwargs))
     return out
-
-
-@torch.no_grad()
-def _calibrate(layer, linears, inps, kwargs, method, backend):
-    """Run the layer on its inputs; Wanda: ``{name: ||X_j||_2}``; SparseGPT: ``{name: X^T X}``."""
-    if method == "wanda":
-        types = tuple({type(m) for m in linears.values()})
-        names = set(linears)
-        with ActNormCollector(layer, include=lambda n, m: n in names, module_types=types, backend=backend) as col:
-            _run_layer(layer, inps, kwargs)
-        norms = col.norms()
-        missing = names - set(norms)
-        if missing:
-            raise RuntimeError(f"linear layers {sorted(missing)} saw no input during calibration")
-        return norms
-    hessians, handles = {}, []
-    for name, mod in linears.items():
-        def hook(module, args, name=name):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            h = hessians.get(name)
-            hessians[name] = x.t() @ x if h is None else h.addmm_(x.t(), x)
-        handles.append(mod.register_forward_pre_hook(hook))
-    try:
-        _run_layer(layer, inps, kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return hessians
 
 
 def _progress(items, enabled, desc):

@@ -1,6 +1,6 @@
 """The ``wanda-kernels`` command: prune, eval, demo.
 
-    wanda-kernels demo                       # the main job on the built-in model and corpus
+    wanda-kernels demo                       # the main job on the built-in model and corpus (demo.py)
     wanda-kernels prune --model smollm2-135m --sparsity 0.5 --output pruned/
     wanda-kernels eval --model pruned/
 
@@ -10,7 +10,6 @@ Argument errors exit with status 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -19,15 +18,6 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("wanda_kernels")
-
-DEMO_RUNS = [  # (method, pattern, label)
-    ("dense", None, "dense"),
-    ("magnitude", "unstructured", "magnitude 50%"),
-    ("wanda", "unstructured", "wanda 50%"),
-    ("magnitude", "2:4", "magnitude 2:4"),
-    ("wanda", "2:4", "wanda 2:4"),
-]
-
 
 class UsageError(Exception):
     pass
@@ -49,11 +39,11 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _check_prune_args(args) -> None:
-    from ._validation import check_sparsity, parse_pattern
+    """The options prune_model would refuse, refused before the model is loaded (exit status 2)."""
+    from ..prune import prune_spec
 
     try:
-        nm = parse_pattern(args.pattern)
-        check_sparsity(args.sparsity, nm)
+        prune_spec(args.sparsity, args.pattern)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     for name in ("nsamples", "seqlen"):
@@ -112,7 +102,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from . import evaluate, models, pipeline
+    from . import demo, models
 
     _check_prune_args(argparse.Namespace(pattern="unstructured", sparsity=0.5, nsamples=args.nsamples,
                                          seqlen=args.seqlen))
@@ -122,62 +112,25 @@ def cmd_demo(args) -> int:
     calib = _windows(args, tok, "calib")
     windows = _windows(args, tok, "eval")
     n_params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"
+    text = "Emma" if args.text is None else Path(args.text).name
     print(f"demo: {type(model).__name__} ({n_params} parameters), "
           f"{dtype}, {device}; calibration {calib.shape[0]} x {calib.shape[1]} tokens from the other Austen novels"
           f"{'' if args.text is None else f' ({args.text})'}; evaluation {windows.numel()} tokens of "
           f"{'Emma' if args.text is None else 'the text'} in windows of {windows.shape[1]}")
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rows = []
-    for method, pattern, label in DEMO_RUNS:
-        model.load_state_dict(original)
-        seconds = None
-        if method != "dense":
-            report = pipeline.prune_model(model, calib, pattern=pattern, method=method, device=device)
-            seconds = report.total_seconds
-        ppl = evaluate.perplexity(model, windows)
-        rows.append({"run": label, "method": method, "pattern": pattern or "-", "perplexity": ppl,
-                     "prune_seconds": seconds})
-        print(f"  {label:<15} perplexity {ppl:9.2f}" + (f"   pruned in {seconds:.1f} s" if seconds else ""))
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    print("\n" + _table(rows))
-    (out / "demo.json").write_text(json.dumps({"device": str(device), "dtype": str(dtype), "nsamples": args.nsamples,
-                                               "seqlen": args.seqlen, "eval_tokens": int(windows.numel()),
-                                               "results": rows}, indent=1))
-    title = (f"{type(model).__name__} ({n_params}) on "
-             f"{'Emma' if args.text is None else Path(args.text).name}: dense vs 50% pruned")
-    png = _bar_chart(rows, out / "demo.png", title)
-    print(f"\nwrote {out / 'demo.json'}" + (f" and {png}" if png else " (no chart: pip install matplotlib)"))
+
+    def show(row):
+        seconds = row["prune_seconds"]
+        print(f"  {row['run']:<15} perplexity {row['perplexity']:9.2f}" +
+              (f"   pruned in {seconds:.1f} s" if seconds else ""))
+
+    rows = demo.run_demo(model, calib, windows, device=device, on_result=show)
+    print("\n" + demo.format_table(rows))
+    info = {"device": str(device), "dtype": str(dtype), "nsamples": args.nsamples, "seqlen": args.seqlen,
+            "eval_tokens": int(windows.numel())}
+    title = f"{type(model).__name__} ({n_params}) on {text}: dense vs 50% pruned"
+    json_path, png = demo.write_results(rows, args.output_dir, info, title)
+    print(f"\nwrote {json_path}" + (f" and {png}" if png else " (no chart: pip install matplotlib)"))
     return 0
-
-
-def _table(rows) -> str:
-    lines = [f"{'run':<15} {'perplexity':>11} {'prune time':>11}", "-" * 39]
-    for r in rows:
-        t = f"{r['prune_seconds']:.1f} s" if r["prune_seconds"] is not None else "-"
-        lines.append(f"{r['run']:<15} {r['perplexity']:>11.2f} {t:>11}")
-    return "\n".join(lines)
-
-
-def _bar_chart(rows, path, title):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    colors = {"dense": "gray", "magnitude": "tab:orange", "wanda": "tab:blue"}
-    ax.bar([r["run"] for r in rows], [r["perplexity"] for r in rows], color=[colors[r["method"]] for r in rows])
-    ax.set_yscale("log")
-    ax.set_ylabel("perplexity (log scale, lower is better)")
-    ax.set_title(title)
-    for i, r in enumerate(rows):
-        ax.text(i, r["perplexity"], f"{r['perplexity']:.1f}", ha="center", va="bottom", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Loading of the compiled extension ``wanda_kernels._C`` (the CUTLASS 2:4 GEMM).
+"""Loading the compiled extension ``wanda_kernels._C`` (the CUTLASS 2:4 GEMMs) and what it was built for.
 
 Imported lazily, on the first call that wants it; never at ``import wanda_kernels``.
 Importing it initialises nothing on the GPU (its CUDA runtime is static and lazy).
@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import functools
 
+__all__ = ["extension", "extension_error", "built_archs", "runs_on", "sm90_built"]
+
 BUILD_HINT = (
-    "build it with `pip install .` from a checkout on a machine with nvcc (CUDA 11.8 or later) on PATH; "
-    "WANDA_KERNELS_CUDA_ARCHS picks the GPUs (default '80;90')"
+    "build it with `pip install .` from a checkout on a machine with nvcc on PATH (CUDA 11.8 or later for the "
+    "sm80 kernel, 12.0 or later for the Hopper kernels); WANDA_KERNELS_CUDA_ARCHS picks the GPUs (default '80;90')"
 )
 
 
 @functools.cache
 def _load():
     try:
-        from . import _C  # noqa: PLC0415
+        from .. import _C  # noqa: PLC0415
     except ImportError as exc:
         return None, f"the extension wanda_kernels._C is not built ({exc}); {BUILD_HINT}"
     return _C, None

@@ -2,7 +2,7 @@
 //
 // One template, explicitly instantiated for {fp16, bf16} x {decode, large}. Runs on
 // compute capability 8.x and 9.x (Hopper executes these sm80 tensor-core kernels).
-#include "sparse24_gemm.h"
+#include "sparse24_sm80.h"
 
 #include <cuda_runtime.h>
 
@@ -45,7 +45,7 @@ using SparseGemm24 = cutlass::gemm::device::SparseGemm<
     cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, Cfg::kStages>;
 
 template <typename Gemm>
-typename Gemm::Arguments make_arguments(Sparse24Problem const& p) {
+typename Gemm::Arguments make_arguments(Sm80Problem const& p) {
   using ElementA = typename Gemm::ElementA;
   using ElementB = typename Gemm::ElementB;
   using ElementC = typename Gemm::ElementC;
@@ -65,12 +65,12 @@ typename Gemm::Arguments make_arguments(Sparse24Problem const& p) {
 }
 
 template <typename Gemm>
-int can_implement(Sparse24Problem const& p) {
+int can_implement(Sm80Problem const& p) {
   return static_cast<int>(Gemm::can_implement(make_arguments<Gemm>(p)));
 }
 
 template <typename Gemm>
-int run(Sparse24Problem const& p, cudaStream_t stream) {
+int run(Sm80Problem const& p, cudaStream_t stream) {
   auto args = make_arguments<Gemm>(p);
   cutlass::Status status = Gemm::can_implement(args);
   if (status != cutlass::Status::kSuccess) return static_cast<int>(status);
@@ -82,27 +82,27 @@ int run(Sparse24Problem const& p, cudaStream_t stream) {
 
 }  // namespace
 
-int sparse24_can_implement(DType dtype, Config config, Sparse24Problem const& p) {
+int sm80_can_implement(DType dtype, Sm80Config config, Sm80Problem const& p) {
   switch (dtype) {
     case DType::kFloat16:
-      return config == Config::kLarge ? can_implement<SparseGemm24<cutlass::half_t, LargeConfig>>(p)
-                                      : can_implement<SparseGemm24<cutlass::half_t, DecodeConfig>>(p);
+      return config == Sm80Config::kLarge ? can_implement<SparseGemm24<cutlass::half_t, LargeConfig>>(p)
+                                          : can_implement<SparseGemm24<cutlass::half_t, DecodeConfig>>(p);
     case DType::kBFloat16:
-      return config == Config::kLarge ? can_implement<SparseGemm24<cutlass::bfloat16_t, LargeConfig>>(p)
-                                      : can_implement<SparseGemm24<cutlass::bfloat16_t, DecodeConfig>>(p);
+      return config == Sm80Config::kLarge ? can_implement<SparseGemm24<cutlass::bfloat16_t, LargeConfig>>(p)
+                                          : can_implement<SparseGemm24<cutlass::bfloat16_t, DecodeConfig>>(p);
   }
   return static_cast<int>(cutlass::Status::kInvalid);
 }
 
-int sparse24_gemm(DType dtype, Config config, Sparse24Problem const& p, void* stream) {
+int sm80_gemm(DType dtype, Sm80Config config, Sm80Problem const& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::kFloat16:
-      return config == Config::kLarge ? run<SparseGemm24<cutlass::half_t, LargeConfig>>(p, s)
-                                      : run<SparseGemm24<cutlass::half_t, DecodeConfig>>(p, s);
+      return config == Sm80Config::kLarge ? run<SparseGemm24<cutlass::half_t, LargeConfig>>(p, s)
+                                          : run<SparseGemm24<cutlass::half_t, DecodeConfig>>(p, s);
     case DType::kBFloat16:
-      return config == Config::kLarge ? run<SparseGemm24<cutlass::bfloat16_t, LargeConfig>>(p, s)
-                                      : run<SparseGemm24<cutlass::bfloat16_t, DecodeConfig>>(p, s);
+      return config == Sm80Config::kLarge ? run<SparseGemm24<cutlass::bfloat16_t, LargeConfig>>(p, s)
+                                          : run<SparseGemm24<cutlass::bfloat16_t, DecodeConfig>>(p, s);
   }
   return static_cast<int>(cutlass::Status::kInvalid);
 }
@@ -111,8 +111,8 @@ char const* status_string(int status) {
   return cutlassGetStatusString(static_cast<cutlass::Status>(status));
 }
 
-void config_shape(Config config, int* tb_m, int* tb_n, int* tb_k, int* align_n) {
-  if (config == Config::kLarge) {
+void sm80_config_shape(Sm80Config config, int* tb_m, int* tb_n, int* tb_k, int* align_n) {
+  if (config == Sm80Config::kLarge) {
     *tb_m = LargeConfig::Threadblock::kM, *tb_n = LargeConfig::Threadblock::kN;
     *tb_k = LargeConfig::Threadblock::kK, *align_n = LargeConfig::kAlignN;
   } else {

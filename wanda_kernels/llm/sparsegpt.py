@@ -10,11 +10,33 @@ count); N:M picks the N best of every M columns as the block reaches them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
-from .reference import num_pruned
+from .._validation import num_pruned
 
-__all__ = ["sparsegpt_prune_"]
+__all__ = ["sparsegpt_prune_", "collect_hessians"]
+
+
+@torch.no_grad()
+def collect_hessians(linears: dict[str, nn.Module], run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """``{name: X^T X}``: fp32 ``(in, in)`` sums over every token each linear sees while ``run()`` runs."""
+    hessians: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in linears.items():
+        def hook(module, args, name=name):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            h = hessians.get(name)
+            hessians[name] = x.t() @ x if h is None else h.addmm_(x.t(), x)
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .sparse_linear import SparseLinear, sparsify_
+from ..sparse_linear import SparseLinear, sparsify_
 
 __all__ = ["save_pruned", "save_compressed", "load_compressed", "is_compressed_checkpoint"]
 

@@ -17,7 +17,7 @@ def perplexity(model, windows: torch.Tensor, *, batch_size: int = 4, progress: b
     Args:
         model: a causal LM returning ``.logits`` ``(batch, seqlen, vocab)``.
         windows: ``(n, seqlen)`` int64 token ids, non-overlapping windows of the text
-            (:func:`wanda_kernels.data.eval_windows`); each is scored on its own.
+            (:func:`wanda_kernels.llm.data.eval_windows`); each is scored on its own.
         batch_size: windows per forward.
         progress: a tqdm bar over the batches.
 

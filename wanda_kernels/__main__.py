@@ -1,0 +1,7 @@
+"""``python -m wanda_kernels``: the ``wanda-kernels`` command."""
+
+import sys
+
+from .llm.cli import main
+
+sys.exit(main())

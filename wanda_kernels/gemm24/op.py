@@ -1,0 +1,131 @@
+"""``y = x @ W.T + b`` with a compressed 2:4 weight: input padding, the kernel calls, the ``torch.library`` op.
+
+``torch.ops.wanda_kernels.sparse24_linear`` runs the kernel that
+:func:`~.policy.select_kernel` picks for the input's device, or, with a warning that
+says why (once per reason), ``F.linear`` on the decompressed weight. It has a fake
+(meta) implementation, so ``torch.compile`` traces it.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .._layout24 import round_up
+from ..sparse24 import decompress_24
+from .launch import launch_sm80, launch_sm90
+from .policy import unavailable_reason
+
+__all__ = ["sparse24_linear", "sm80_linear", "sm90_linear", "pad_input", "sm80_tokens", "TOKEN_MULTIPLE"]
+
+TOKEN_MULTIPLE = 8  # the sm80 kernel loads x and stores D 8 elements at a time
+
+
+def sm80_tokens(n: int) -> int:
+    """Rows of input the sm80 kernel runs for ``n`` tokens: ``n`` rounded up to ``TOKEN_MULTIPLE``."""
+    return round_up(n, TOKEN_MULTIPLE)
+
+
+def pad_input(x2d: torch.Tensor, tokens: int, k_pad: int) -> torch.Tensor:
+    """``x2d (n, in)`` itself when a kernel can read it in place as ``(tokens, k_pad)``, else a zero-padded copy.
+
+    In place needs: no padding, unit column stride, a row stride that is at least
+    ``k_pad`` and a multiple of 8 elements, and a 16-byte aligned start.
+    """
+    n, in_features = x2d.shape
+    stride0 = x2d.stride(0)
+    if (tokens != n or k_pad != in_features or x2d.stride(1) != 1 or stride0 < k_pad or stride0 % 8
+            or x2d.data_ptr() % 16):
+        xb = x2d.new_zeros(tokens, k_pad)
+        xb[:n, :in_features] = x2d
+        return xb
+    return x2d
+
+
+def sm80_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+                out_features: int) -> torch.Tensor:
+    """sm80 kernel: ``x (..., in) -> (..., out_features)``; pads tokens and in_features as needed."""
+    in_features = x.shape[-1]
+    m_pad, k_pad = values.shape[0], 2 * values.shape[1]
+    x2d = x.reshape(-1, in_features)
+    n = x2d.shape[0]
+    y = torch.empty(n, out_features, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y.reshape(*x.shape[:-1], out_features)
+    xb = pad_input(x2d, sm80_tokens(n), k_pad)
+    d = torch.empty(m_pad, xb.shape[0], dtype=x.dtype, device=x.device)  # D = W @ x^T, (out, tokens)
+    try:
+        launch_sm80(values, meta, xb, d)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc} (SparseLinear {in_features} -> {out_features}, input of {n} tokens)") from exc
+    # One pass: transpose D into y (tokens, out) and add the bias.
+    dt = d[:out_features, :n].t()
+    if bias is not None:
+        torch.add(dt, bias, out=y)
+    else:
+        y.copy_(dt)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def sm90_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+                out_features: int) -> torch.Tensor:
+    """sm90a kernel: ``x (..., in) -> (..., out_features)``, y written row-major by the kernel, bias in its epilogue.
+
+    Tokens are never padded (TMA clips the ragged tile); in_features is padded only when
+    it is not the weight's padded K, and out_features only when it is not a multiple of 8.
+    """
+    in_features = x.shape[-1]
+    k_pad = 2 * values.shape[1]
+    x2d = x.reshape(-1, in_features)
+    n = x2d.shape[0]
+    m = round_up(out_features, 8)
+    y = torch.empty(n, m, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y[:, :out_features].reshape(*x.shape[:-1], out_features)
+    xb = pad_input(x2d, n, k_pad)
+    if bias is not None:
+        bias = bias.to(x.dtype)  # the epilogue reads the bias as the output's element type
+        if m != out_features or bias.data_ptr() % 16 or not bias.is_contiguous():
+            bias = torch.cat([bias.reshape(-1), bias.new_zeros(m - out_features)])
+    try:
+        launch_sm90(values, meta, xb, y, bias)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc} (SparseLinear {in_features} -> {out_features}, input of {n} tokens)") from exc
+    if m != out_features:
+        y = y[:, :out_features].contiguous()
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"SparseLinear runs dense F.linear on the decompressed weight: {reason}", RuntimeWarning,
+                  stacklevel=3)
+
+
+# Optional[...], not "X | None": torch evaluates these annotations to infer the op's
+# schema, and must be able to on Python 3.9.
+@torch.library.custom_op("wanda_kernels::sparse24_linear", mutates_args=())
+def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],  # noqa: UP045
+                    out_features: int, meta_format: str = "sm80") -> torch.Tensor:
+    """``x (..., in) -> (..., out_features)`` with a compressed 2:4 weight (see ``SparseLinear``).
+
+    ``values (M, K/2)`` and ``meta`` (int16, in ``meta_format``) are a padded weight on
+    ``x``'s device, of ``x``'s dtype; ``bias`` is ``(out_features,)`` or None.
+    """
+    reason = unavailable_reason(x, meta_format)
+    if reason is None:
+        if meta_format == "sm90":
+            return sm90_linear(x, values, meta, bias, out_features)
+        return sm80_linear(x, values, meta, bias, out_features)
+    _warn_once(reason)
+    weight = decompress_24(values, meta, meta_format=meta_format)[:out_features, : x.shape[-1]]
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@sparse24_linear.register_fake
+def _sparse24_linear_fake(x, values, meta, bias, out_features, meta_format="sm80"):
+    return x.new_empty(*x.shape[:-1], out_features)

@@ -1,0 +1,103 @@
+"""The main job on the built-in model: dense vs magnitude vs Wanda, 50% unstructured and 2:4.
+
+Library side of ``wanda-kernels demo``: runs the comparison, formats the table and
+writes ``demo.json`` and ``demo.png``; the command (:mod:`.cli`) prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import evaluate, pipeline
+
+logger = logging.getLogger("wanda_kernels")
+
+__all__ = ["DEMO_RUNS", "run_demo", "format_table", "write_results", "bar_chart"]
+
+DEMO_RUNS = [  # (method, pattern, label); method "dense" is the unpruned model
+    ("dense", None, "dense"),
+    ("magnitude", "unstructured", "magnitude 50%"),
+    ("wanda", "unstructured", "wanda 50%"),
+    ("magnitude", "2:4", "magnitude 2:4"),
+    ("wanda", "2:4", "wanda 2:4"),
+]
+
+
+def run_demo(model: nn.Module, calib: torch.Tensor, windows: torch.Tensor, *, device: torch.device,
+             on_result: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every run of :data:`DEMO_RUNS` from the same starting weights; one row per run.
+
+    Args:
+        model: the causal LM, on ``device``; its weights are restored after the last run.
+        calib: ``(nsamples, seqlen)`` int64 calibration windows; windows: ``(n, seqlen)``
+            int64 evaluation windows.
+        on_result: called with each row as soon as its run finishes.
+
+    Returns:
+        ``[{"run", "method", "pattern", "perplexity", "prune_seconds"}]``.
+    """
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rows = []
+    try:
+        for method, pattern, label in DEMO_RUNS:
+            model.load_state_dict(original)
+            seconds = None
+            if method != "dense":
+                report = pipeline.prune_model(model, calib, pattern=pattern, method=method, device=device)
+                seconds = report.total_seconds
+            ppl = evaluate.perplexity(model, windows)
+            row = {"run": label, "method": method, "pattern": pattern or "-", "perplexity": ppl,
+                   "prune_seconds": seconds}
+            logger.info("demo: %s perplexity %.2f", label, ppl)
+            rows.append(row)
+            if on_result is not None:
+                on_result(row)
+    finally:
+        model.load_state_dict(original)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'run':<15} {'perplexity':>11} {'prune time':>11}", "-" * 39]
+    for r in rows:
+        t = f"{r['prune_seconds']:.1f} s" if r["prune_seconds"] is not None else "-"
+        lines.append(f"{r['run']:<15} {r['perplexity']:>11.2f} {t:>11}")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], out_dir, info: dict, title: str) -> tuple[Path, Path | None]:
+    """``demo.json`` (``info`` plus the rows) and, with matplotlib, ``demo.png`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "demo.json"
+    json_path.write_text(json.dumps({**info, "results": rows}, indent=1))
+    return json_path, bar_chart(rows, out / "demo.png", title)
+
+
+def bar_chart(rows: list[dict], path: Path, title: str) -> Path | None:
+    """Perplexity per run on a log scale; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = {"dense": "gray", "magnitude": "tab:orange", "wanda": "tab:blue"}
+    ax.bar([r["run"] for r in rows], [r["perplexity"] for r in rows], color=[colors[r["method"]] for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log scale, lower is better)")
+    ax.set_title(title)
+    for i, r in enumerate(rows):
+        ax.text(i, r["perplexity"], f"{r['perplexity']:.1f}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
