@@ -250,3 +250,18 @@ def test_missing_extension_message_says_how_to_build(monkeypatch):
     monkeypatch.setattr(_ext, "_load", lambda: (None, f"the extension wanda_kernels._C is not built (x); {_ext.BUILD_HINT}"))
     assert "pip install ." in _ext.extension_error() and "nvcc" in _ext.extension_error()
     assert _ext.built_archs() == [] and not _ext.runs_on(8, 0)
+
+
+def test_the_launchers_map_every_dtype_and_configuration_to_the_enums(ext):
+    # What launch_sm80 / launch_sm90 hand to _C, checked without a GPU: every dtype and
+    # configuration name the policy can return has its enum, and the sm90 workspace
+    # query (host-only) accepts them.
+    from wanda_kernels.gemm24 import SM80_CONFIGS, SM90_CONFIGS, launch
+
+    dtypes, sm80, sm90 = launch._enums(ext)
+    assert set(dtypes) == {torch.float16, torch.bfloat16} and set(sm80) == set(SM80_CONFIGS)
+    assert set(sm90) == set(SM90_CONFIGS)
+    if ext.sm90_built():
+        sizes = {c: launch._sm90_workspace_bytes(dtypes[torch.bfloat16], sm90[c], 4096, 16, 4096, 132)
+                 for c in SM90_CONFIGS}
+        assert sizes["streamk"] > 0 and sizes["decode"] == sizes["large"] == sizes["wide"] == 0
