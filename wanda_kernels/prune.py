@@ -60,7 +60,7 @@ def check_prunable(weight, spec: PruneSpec, name: str = "weight") -> torch.Tenso
 
 def apply_mask_(weight: torch.Tensor, norms32: torch.Tensor | None, spec: PruneSpec, *, write_weight: bool,
                 want_mask: bool) -> torch.Tensor | None:
-    """Compute (and with ``write_weight`` apply) the keep-mask; no validation, no host sync.
+    """Compute (and with ``write_weight`` apply) the keep-mask; no validation (the Triton path never syncs).
 
     The caller has checked ``weight`` with :func:`check_prunable` and passes ``norms32``
     as ``(in_features,)`` fp32 contiguous on the weight's device (None with

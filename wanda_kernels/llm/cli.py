@@ -19,6 +19,7 @@ import torch
 
 log = logging.getLogger("wanda_kernels")
 
+
 class UsageError(Exception):
     pass
 

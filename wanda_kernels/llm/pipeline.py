@@ -261,9 +261,9 @@ def prune_model(
         inps, kwargs = capture_layer_inputs(model, layers[0], calib, device)
         report.forward_seconds += time.perf_counter() - t0
 
-    # Read back once, after the last layer: zeros per linear, and whether any activation
-    # norm was not finite. Nothing on the per-layer path waits for the GPU except the
-    # phase timings (_synchronize).
+    # Read back once, after the last layer: zeros per linear, and whether any collected
+    # statistic (Wanda's norms, SparseGPT's Hessians) was not finite. Nothing on the
+    # per-layer path waits for the GPU except the phase timings (_synchronize).
     zeros: list[tuple[LayerReport, str, int, torch.Tensor]] = []  # (report, linear, numel, zero count)
     nonfinite: list[tuple[int, torch.Tensor]] = []
     bar = _progress(layers, progress, f"{method} {pattern}")
@@ -281,8 +281,7 @@ def prune_model(
             stats = chosen.collect(layer, linears, functools.partial(_run_layer, layer, inps, kw), backend)
             _synchronize(work)
             report.forward_seconds += time.perf_counter() - t0
-            if method == "wanda":
-                nonfinite.append((index, torch.stack([~torch.isfinite(v).all() for v in stats.values()]).any()))
+            nonfinite.append((index, torch.stack([~torch.isfinite(v).all() for v in stats.values()]).any()))
         t0 = time.perf_counter()
         for name, mod in linears.items():
             chosen.prune(_linear_weight(mod), stats.get(name), spec)
@@ -305,7 +304,8 @@ def prune_model(
     bad = [index for (index, _), flag in zip(nonfinite, _to_host([f for _, f in nonfinite])) if flag]
     if bad:
         warnings.warn(f"decoder layers {bad} saw non-finite activations during calibration (overflow in "
-                      f"{next(iter(model.parameters())).dtype}?): their Wanda scores, and masks, are not meaningful",
+                      f"{next(iter(model.parameters())).dtype}?): the statistics their masks were chosen from are "
+                      "not finite, so those masks are not meaningful",
                       RuntimeWarning, stacklevel=2)
     report.total_seconds = time.perf_counter() - t_start
     logger.info("pruned %d decoder layers (%s, %s) in %.1f s; mean sparsity %.4f", len(layers), method, pattern,
