@@ -4,7 +4,9 @@ _C (csrc/, CMakeLists.txt) wraps CUTLASS's 2:4 sparse GEMM. It is built by CMake
 the architectures in WANDA_KERNELS_CUDA_ARCHS (default "80;90") whenever a CUDA
 compiler is found, and skipped, with one message, when none is or when
 WANDA_KERNELS_SKIP_CUDA_BUILD=1. Without _C the package works; SparseLinear then runs
-dense on the decompressed weight and says so.
+dense on the decompressed weight and says so. When a compiler is found and the build
+fails, the install fails, with a message saying what to do: it never quietly installs
+a package without the extension the user asked for.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "_build_backend"))
-from cuda_env import cuda_archs, find_nvcc, skip_reason  # noqa: E402
+from cuda_env import build_jobs, cuda_archs, find_nvcc, run_build, skip_reason  # noqa: E402
 
 
 class CMakeExtension(Extension):
@@ -63,11 +64,13 @@ class CMakeBuild(build_ext):
         ninja = shutil.which("ninja")
         if ninja:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-        # Each CUTLASS instantiation takes GBs of compiler memory: cap the parallelism.
-        jobs = os.environ.get("WANDA_KERNELS_BUILD_JOBS", str(min(2, os.cpu_count() or 1)))
-        print(f"wanda_kernels: building _C with CUTLASS for sm_{', sm_'.join(archs)} ({jobs} jobs)", flush=True)
-        subprocess.check_call(args)
-        subprocess.check_call(["cmake", "--build", str(build_dir), "--parallel", jobs])
+        # Each CUTLASS instantiation takes GBs of compiler memory: jobs bounded by memory.
+        jobs, why = build_jobs()
+        print(f"wanda_kernels: building _C with CUTLASS for sm_{', sm_'.join(archs)} with {jobs} parallel jobs "
+              f"({why}); each Hopper unit takes ~2 minutes of one core, and `pip install -v` shows the compiler's "
+              "progress", flush=True)
+        run_build([args, ["cmake", "--build", str(build_dir), "--parallel", str(jobs)]])
+
 
 
 reason = skip_reason()

@@ -75,14 +75,14 @@ struct Sm90Tile<Sm90Config::kDecode> {  // few tokens: one consumer warp group p
   using ClusterShape = Shape<_1, _1, _1>;
   using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecialized;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
-  using TileScheduler = void;  // persistent, data-parallel
+  using TileScheduler = void;  // not persistent: one CTA per output tile
 };
 template <>
 struct Sm90Tile<Sm90Config::kLarge> {  // many tokens: the 1x2 cluster multicasts W tiles
   using ClusterShape = Shape<_1, _2, _1>;
   using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-  using TileScheduler = void;
+  using TileScheduler = void;  // persistent: the cooperative kernel's default
 };
 template <>
 struct Sm90Tile<Sm90Config::kStreamK> {  // splits K across CTAs when output tiles are fewer than SMs
@@ -97,7 +97,7 @@ struct Sm90Tile<Sm90Config::kWide> {  // many tokens: the 2x1 cluster multicasts
   using ClusterShape = Shape<_2, _1, _1>;
   using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-  using TileScheduler = void;
+  using TileScheduler = void;  // persistent: the cooperative kernel's default
 };
 
 template <DType D, Sm90Config C>

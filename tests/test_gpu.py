@@ -150,6 +150,46 @@ def test_sparse_linear_captures_and_replays_in_a_cuda_graph():
         assert not torch.equal(y[: eager.shape[0]], eager)
 
 
+def test_sparse_linear_direct_path_equals_the_op_and_never_syncs():
+    # Eager forward calls the kernel function chosen at construction; the op (what
+    # torch.compile and autograd see) must give the same bits. Neither may synchronise
+    # with the host: sync debug mode "error" raises on any synchronising CUDA call.
+    _cutlass_ready()
+    torch.manual_seed(0)
+    for in_f, out_f, bias in ((4096, 11008, False), (100, 4100, True)):
+        lin = torch.nn.Linear(in_f, out_f, bias=bias, device="cuda", dtype=torch.bfloat16)
+        wk.prune_(lin, torch.rand(in_f, device="cuda") + 0.1, pattern="2:4")
+        sl = wk.SparseLinear.from_linear(lin)
+        assert sl._kernel_fn is not None, sl.kernel()
+        for tokens in (1, 16, 96, 300):
+            x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+            sl(x)  # first call: CUTLASS and the allocator warm up outside the check
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                with torch.no_grad():
+                    direct = sl(x)
+                via_op = torch.ops.wanda_kernels.sparse24_linear(x, sl.values, sl.meta, sl.bias, out_f, sl.meta_format)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert torch.equal(direct, via_op), (in_f, out_f, tokens)
+
+
+def test_sparse_linear_under_reduce_overhead_compile():
+    # torch.compile(mode="reduce-overhead") captures the op in CUDA graphs and replays them.
+    _cutlass_ready()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.float16)
+    wk.prune_(lin, torch.rand(4096, device="cuda") + 0.1, pattern="2:4")
+    sl = wk.SparseLinear.from_linear(lin)
+    compiled = torch.compile(sl, mode="reduce-overhead", fullgraph=True)
+    for tokens in (1, 16):
+        for step in range(4):  # the first calls record; later ones replay the graph
+            x = torch.randn(tokens, 4096, device="cuda", dtype=torch.float16)
+            y = compiled(x).clone()  # a replay's output is overwritten by the next replay
+            # Same kernel, same inputs: the same bits as eager.
+            assert torch.equal(y, sl(x)), (tokens, step)
+
+
 def test_prune_compress_on_gpu_equals_torch_path():
     g = torch.Generator(device="cuda").manual_seed(4)
     w = torch.randn(4096, 11008, generator=g, device="cuda").half()

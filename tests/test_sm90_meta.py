@@ -265,3 +265,22 @@ def test_op_refuses_a_kernel_whose_layout_the_metadata_is_not_in(monkeypatch):
 def test_kernel_choice_on_cpu_is_none_and_says_why():
     kernel, reason = policy.select_kernel(torch.device("cpu"), torch.float16)
     assert kernel is None and "cpu" in reason
+
+
+def test_layout_conversions_cache_no_index_tensors():
+    # The conversions used to keep two caches of int64 index tensors per (shape, device):
+    # ~120 MB of GPU memory per 70B layer shape, held for the process's life. They are
+    # now computed per call, on the tensor's device, in int32.
+    from wanda_kernels import _layout24
+
+    cached = [name for name, obj in vars(_layout24).items() if hasattr(obj, "cache_info")]
+    assert cached == []
+    assert _layout24.sm80_offsets(64, 8).dtype == torch.int32
+    assert _layout24.sm90_offsets(64, 128).dtype == torch.int32
+    assert _layout24.sm90_offsets(64, 128, groups=4).shape == (64, 8)
+    assert _layout24._index_dtype(2**31) == torch.int64  # a layer past 2**31 words keeps int64
+    # A LLaMA-7B gate shape still round-trips (placements are pinned against CUTLASS above).
+    m, k = 11008, 4096
+    e = meta_sm80_to_sm90(torch.arange(m * k // 16, dtype=torch.int32).to(torch.int16).reshape(m, k // 16), m, k)
+    back = meta_sm90_to_sm80(e, m, k)
+    assert torch.equal(back, torch.arange(m * k // 16, dtype=torch.int32).to(torch.int16).reshape(m, k // 16))

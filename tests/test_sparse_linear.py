@@ -90,8 +90,56 @@ def test_torch_compile_traces_the_custom_op():
     x = torch.randn(3, 128).half()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # runs the fake impl while tracing
     assert torch.equal(compiled(x), model(x))
-    fake = gemm_op._sparse24_linear_fake(torch.empty(2, 7, 128), None, None, None, 64)
+    sl = model[0]
+    fake = gemm_op._sparse24_linear_fake(torch.empty(2, 7, 128).half(), sl.values, sl.meta, sl.bias, 64)
     assert fake.shape == (2, 7, 64)
+    # The fake implementation checks the operands too, so a bad call fails while tracing.
+    with pytest.raises(ValueError, match=r"meta for values \(64, 64\) in the sm80 layout must be int16 of shape \(64, 8\)"):
+        gemm_op._sparse24_linear_fake(torch.empty(2, 128).half(), sl.values, sl.meta[:, :4], None, 64)
+
+
+def _op_operands():
+    sl = wk.SparseLinear.from_linear(pruned_linear(100, 40))  # padded to (64, 128)
+    return dict(x=torch.randn(3, 100).half(), values=sl.values, meta=sl.meta, bias=sl.bias, out_features=40,
+                meta_format="sm80")
+
+
+# Each bad operand of the public op, and the error that must name it. These reached
+# the kernels unchecked before: a wrong meta shape read past the metadata on a GPU.
+@pytest.mark.parametrize(("change", "exc", "message"), [
+    (lambda a: a.update(meta_format="sm70"), ValueError, r"meta_format must be one of 'sm80', 'sm90'; got 'sm70'"),
+    (lambda a: a.update(out_features=0), ValueError, r"out_features must be a positive int; got 0"),
+    (lambda a: a.update(out_features=65), ValueError, r"out_features=65 but values holds only 64 rows"),
+    (lambda a: a.update(x=torch.randn(3, 129).half()), ValueError, r"x has in_features=129 but values holds only K=128"),
+    (lambda a: a.update(x=torch.randn(3, 100)), TypeError, r"x is torch\.float32 but values is torch\.float16"),
+    (lambda a: a.update(values=a["values"].float(), x=a["x"].float()), TypeError, r"values must be float16 or bfloat16; got torch\.float32"),
+    (lambda a: a.update(values=a["values"][:48]), ValueError, r"values must be \(M, K/2\) with M % 32 == 0 and K % 64 == 0.*\(48, 64\)"),
+    (lambda a: a.update(values=a["values"].reshape(-1)), ValueError, r"values must be \(M, K/2\).*\(4096,\)"),
+    (lambda a: a.update(values=a["values"].t().contiguous().t()), ValueError, r"values must be contiguous.*strides \(1, 64\)"),
+    (lambda a: a.update(meta=a["meta"].int()), ValueError, r"meta for values \(64, 64\) in the sm80 layout must be int16 of shape \(64, 8\); got torch\.int32"),
+    (lambda a: a.update(meta=a["meta"][:32]), ValueError, r"must be int16 of shape \(64, 8\); got torch\.int16 \(32, 8\)"),
+    (lambda a: a.update(values=a["values"][:32], meta=a["meta"][:32], out_features=32, bias=None, meta_format="sm90"), ValueError, r"in the sm90 layout must be int16 of shape \(64, 8\); got torch\.int16 \(32, 8\)"),
+    (lambda a: a.update(meta=a["meta"].t().contiguous().t()), ValueError, r"meta must be contiguous"),
+    (lambda a: a.update(bias=a["bias"][:39]), ValueError, r"bias must be None or a tensor of shape \(40,\); got \(39,\)"),
+    (lambda a: a.update(bias=a["bias"].float()), TypeError, r"bias is torch\.float32 but x is torch\.float16"),
+    (lambda a: a.update(values=a["values"].to("meta")), ValueError, r"values is on meta but x is on cpu"),
+    (lambda a: a.update(bias=a["bias"].to("meta")), ValueError, r"bias is on meta but x is on cpu"),
+])
+def test_the_op_checks_every_operand_and_names_it(change, exc, message):
+    args = _op_operands()
+    change(args)
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu"}
+    with pytest.raises(exc, match=message):
+        torch.ops.wanda_kernels.sparse24_linear(**args)
+    for k, v in before.items():  # a refused call changes nothing
+        assert torch.equal(args[k], v)
+
+
+def test_the_op_runs_on_right_operands():
+    args = _op_operands()
+    sl_weight = wk.decompress_24(args["values"], args["meta"])[:40, :100]
+    y = torch.ops.wanda_kernels.sparse24_linear(**args)
+    assert torch.equal(y, F.linear(args["x"], sl_weight, args["bias"]))
 
 
 # ---------------------------------------------------------------------------

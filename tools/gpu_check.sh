@@ -51,12 +51,8 @@ run_step() {  # run_step NAME LOG CMD...: time-limited, log to $OUT/LOG, remembe
   [ "$rc" = 0 ] || status=$rc
 }
 
-build() {
-  local mem_gb jobs
-  mem_gb=$(awk '/MemAvailable/ {print int($2 / 1048576)}' /proc/meminfo)
-  jobs=$(( mem_gb / 6 )); [ "$jobs" -lt 1 ] && jobs=1; [ "$jobs" -gt "$(nproc)" ] && jobs=$(nproc)
-  WANDA_KERNELS_BUILD_JOBS=${WANDA_KERNELS_BUILD_JOBS:-$jobs} run_step build build.txt \
-    "$PY" setup.py build_ext --inplace
+build() {  # setup.py runs one job per core, bounded by free memory (WANDA_KERNELS_BUILD_JOBS overrides)
+  run_step build build.txt "$PY" setup.py build_ext --inplace
   cp wanda_kernels/_C*.so "$OUT/" 2>/dev/null || { echo "build produced no _C*.so"; status=1; }
 }
 

@@ -26,8 +26,6 @@ is a permutation of words (:func:`plain_words`, :func:`meta_from_plain`).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 DTYPES_24 = (torch.float16, torch.bfloat16)
@@ -39,9 +37,6 @@ SM90_COL_MULTIPLE = 128
 FILL_CODE = 0xE  # the code of a group with no non-zero: positions 2 and 3
 FILL_WORD = -0x1112  # four fill codes, 0xEEEE, as a signed int16
 
-# Index tensors are cached per (shape, device): a layer shape of a 70B model costs
-# ~120 MB of int64 indices, so only a few shapes are kept.
-_INDEX_CACHE = 8
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -93,8 +88,16 @@ def unpack_codes(plain: torch.Tensor, m: int, k: int) -> tuple[torch.Tensor, tor
     return codes & 0x3, codes >> 2
 
 
-def sm80_offsets(m: int, meta_cols: int) -> torch.Tensor:
-    """Storage offset of every plain word ``(row, col)`` in the sm80 layout; int64 ``(m, meta_cols)``, CPU.
+def _index_dtype(n: int) -> torch.dtype:
+    """int32 for index tensors whose values stay below 2**31 (every real layer), else int64."""
+    return torch.int32 if n < 2**31 else torch.int64
+
+
+def sm80_offsets(m: int, meta_cols: int, device=None) -> torch.Tensor:
+    """Storage offset of every plain word ``(row, col)`` in the sm80 layout; ``(m, meta_cols)`` on ``device``.
+
+    int32 (int64 for a layer of more than 2**31 words): computed where it is used, in a
+    few elementwise passes, so nothing is cached on the GPU.
 
     Rows are reordered within blocks of 32 (``r -> 32*(r//32) + 4*(r%8) + (r%32)//8``),
     then 2x2 blocks of (row, column) are swizzled from Z to N order (CUTLASS
@@ -102,18 +105,20 @@ def sm80_offsets(m: int, meta_cols: int) -> torch.Tensor:
     ``ColumnMajorInterleaved<2>``: element (row, col) at
     ``(col // 2) * (2 * m) + 2 * row + col % 2`` (CUTLASS ``layout/matrix.h``).
     """
-    rows = torch.arange(m)[:, None].expand(m, meta_cols)
-    cols = torch.arange(meta_cols)[None, :].expand(m, meta_cols)
-    dst_row = rows // 32 * 32 + (rows % 8) * 4 + (rows % 32) // 8
-    dst_col = cols.clone()
-    z_to_n = (dst_row % 2 == 0) & (dst_col % 2 == 1)
-    n_to_z = (dst_row % 2 == 1) & (dst_col % 2 == 0)
-    dst_row, dst_col = dst_row + z_to_n.long() - n_to_z.long(), dst_col - z_to_n.long() + n_to_z.long()
+    idx = _index_dtype(m * meta_cols)
+    rows = torch.arange(m, dtype=idx, device=device)[:, None]
+    cols = torch.arange(meta_cols, dtype=idx, device=device)[None, :]
+    dst_row = rows // 32 * 32 + (rows % 8) * 4 + (rows % 32) // 8  # (m, 1)
+    # Z -> N within 2 x 2 blocks: even rows take odd columns down a row, odd rows take even
+    # columns up a row (and the columns move the other way).
+    swap = (dst_row % 2 == 0) & (cols % 2 == 1) | (dst_row % 2 == 1) & (cols % 2 == 0)  # (m, meta_cols)
+    step = (1 - 2 * (dst_row % 2)) * swap  # +1 for Z -> N, -1 for N -> Z, 0 elsewhere
+    dst_row, dst_col = dst_row + step, cols - step
     return (dst_col // 2) * (2 * m) + dst_row * 2 + dst_col % 2
 
 
-def sm90_offsets(m: int, k: int) -> torch.Tensor:
-    """Logical offset in the sm90 E of the first element of every group of 4; int64 ``(M64, K128 / 4)``, CPU.
+def sm90_offsets(m: int, k: int, device=None, groups=None) -> torch.Tensor:
+    """Logical offset in the sm90 E of the first element of every group of 4; ``(M64, K128 / 4)`` on ``device``.
 
     ``m, k``: the weight's rows and columns (any; they are rounded up to 64 and 128).
     E is tiled by a 64 x 128 atom of 8192 logical elements, stacked along M first (atom
@@ -125,44 +130,42 @@ def sm90_offsets(m: int, k: int) -> torch.Tensor:
 
     Each byte of E covers 8 logical elements, so group ``(m, k/4)`` lives in byte
     ``offset // 8``, low nibble when ``offset % 8 == 0``, high nibble when it is 4.
+
+    ``groups``: only the first ``m`` rows and every ``groups``-th group (4: the first
+    group of each plain word), ``(m, k / (4 * groups))``. int32 (int64 past 2**31).
     """
     m64, k128 = round_up(m, SM90_ROW_MULTIPLE), round_up(k, SM90_COL_MULTIPLE)
-    r = torch.arange(m64)[:, None]
-    c = 4 * torch.arange(k128 // 4)[None, :]
+    idx = _index_dtype(m64 * k128)
+    rows, step = (m64, 1) if groups is None else (m, groups)
+    r = torch.arange(rows, dtype=idx, device=device)[:, None]
+    c = 4 * step * torch.arange((k128 if groups is None else k) // (4 * step), dtype=idx, device=device)[None, :]
     m0, m1, m2, mb = r % 8, (r // 8) % 2, (r // 16) % 4, r // 64
     k0, k1, k2, kb = c % 16, (c // 16) % 2, (c // 32) % 4, c // 128
     in_atom = k0 + 16 * m1 + 32 * k2 + 128 * m0 + 1024 * k1 + 2048 * m2
     return in_atom + 8192 * mb + (m64 * 128) * kb
 
 
-@functools.lru_cache(maxsize=_INDEX_CACHE)
-def _sm80_gather_index(m: int, meta_cols: int, device: torch.device) -> torch.Tensor:
-    """sm80 storage position s -> index of the plain word stored there."""
-    return torch.argsort(sm80_offsets(m, meta_cols).reshape(-1)).to(device)
+def _word_index(m: int, k: int, meta_format: str, device) -> torch.Tensor:
+    """Plain word ``(row, c)`` -> its index among the int16 words of ``meta_format``; ``(m * k/16,)`` on ``device``.
 
-
-@functools.lru_cache(maxsize=_INDEX_CACHE)
-def _sm90_word_index(m: int, k: int, device: torch.device) -> torch.Tensor:
-    """Plain word ``(row, c)`` -> its index among the int16 words of the sm90 E; ``(m * k/16,)``."""
-    return (sm90_offsets(m, k)[:m, 0 : k // 4 : 4] // 16).reshape(-1).to(device)
+    Computed per call (elementwise, on ``device``), not cached: for a 70B layer it is
+    15 M entries, and a cache of them per shape would hold hundreds of MB of GPU memory.
+    """
+    if meta_format == "sm90":
+        return (sm90_offsets(m, k, device, groups=4) // 16).reshape(-1)
+    return sm80_offsets(m, k // 16, device).reshape(-1)
 
 
 def plain_words(meta: torch.Tensor, m: int, k: int, meta_format: str) -> torch.Tensor:
     """Flat plain words ``(m * k/16,)`` int16 from ``meta`` in ``meta_format`` (a padded ``(m, k)`` weight)."""
-    if meta_format == "sm90":
-        return meta.reshape(-1)[_sm90_word_index(m, k, meta.device)]
-    plain = torch.empty(m * (k // 16), dtype=torch.int16, device=meta.device)
-    plain[_sm80_gather_index(m, k // 16, meta.device)] = meta.reshape(-1)
-    return plain
+    return meta.reshape(-1)[_word_index(m, k, meta_format, meta.device)]
 
 
 def meta_from_plain(plain: torch.Tensor, m: int, k: int, meta_format: str) -> torch.Tensor:
     """Inverse of :func:`plain_words`: the metadata tensor in ``meta_format``, on ``plain.device``."""
-    if meta_format == "sm90":
-        e = filled_meta(m, k, "sm90", plain.device).reshape(-1)
-        e[_sm90_word_index(m, k, plain.device)] = plain.reshape(-1)
-        return e.reshape(meta_shape(m, k, "sm90"))
-    return plain.reshape(-1)[_sm80_gather_index(m, k // 16, plain.device)].reshape(m, k // 16)
+    meta = filled_meta(m, k, meta_format, plain.device)  # sm90: padding words hold fill codes
+    meta.reshape(-1)[_word_index(m, k, meta_format, plain.device)] = plain.reshape(-1)
+    return meta
 
 
 def filled_meta(m: int, k: int, meta_format: str, device=None) -> torch.Tensor:

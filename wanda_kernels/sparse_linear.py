@@ -19,7 +19,10 @@ from torch import nn
 from ._layout24 import DTYPES_24, META_FORMATS, filled_meta
 from ._validation import check_choice
 from .gemm24 import policy
-from .gemm24.op import sparse24_linear  # noqa: F401  (registers torch.ops.wanda_kernels.sparse24_linear)
+from .gemm24.op import (
+    kernel_linear,
+    sparse24_linear,  # noqa: F401  (registers torch.ops.wanda_kernels.sparse24_linear)
+)
 from .sparse24 import (
     check_24_sparse,
     compress_24,
@@ -62,6 +65,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", torch.zeros(m, k // 2, dtype=dtype, device=device))
         self.register_buffer("meta", filled_meta(m, k, self.meta_format, device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._kernel_fn = kernel_linear(device, dtype, self.meta_format)
 
     # -- metadata layout follows the device ---------------------------------------------
 
@@ -75,17 +79,29 @@ class SparseLinear(nn.Module):
         return convert(self.meta, m, k)
 
     def _sync_meta_format(self) -> None:
-        """Put ``meta`` in the layout of the kernel that will run on the module's device."""
+        """Put ``meta`` in the layout of the kernel that will run on the module's device, and pick that kernel.
+
+        Runs at construction, after every move (``.to``, ``.cuda``, ``.half``) and after
+        ``load_state_dict``: the only times the device, dtype or layout can change. So
+        ``forward`` decides nothing per call.
+        """
         target = policy.meta_format_for(self.values.device, self.values.dtype)
         if target != self.meta_format:
             self.meta = self.meta_as(target)
             self.meta_format = target
+        self._kernel_fn = kernel_linear(self.values.device, self.values.dtype, self.meta_format)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .cpu(), .half() ... all end here; convert after the move.
         result = super()._apply(fn, *args, **kwargs)
         self._sync_meta_format()
         return result
+
+    def __setstate__(self, state):
+        # Unpickled (torch.load of a whole module, possibly with map_location): the kernel
+        # chosen where it was saved may not run here; choose again.
+        super().__setstate__(state)
+        self._kernel_fn = kernel_linear(self.values.device, self.values.dtype, self.meta_format)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -142,13 +158,27 @@ class SparseLinear(nn.Module):
             : self.out_features, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., in_features)`` of the weight's dtype, on its device -> ``(..., out_features)``.
+
+        Eager, on a GPU with a kernel, it calls that kernel's function directly (picked when
+        the module was built or moved; its operands are right by construction). Under
+        ``torch.compile``, with autograd recording, or for tensor subclasses, it goes
+        through the custom op ``torch.ops.wanda_kernels.sparse24_linear``, which also runs
+        the dense fallback where no kernel does. Neither path reads data back to the host,
+        so both can be captured in a CUDA graph.
+        """
+        values = self.values
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects input (..., {self.in_features}); got {tuple(x.shape)}")
-        if x.dtype != self.values.dtype:
-            raise TypeError(f"SparseLinear holds {self.values.dtype} weights; got input of {x.dtype}")
-        if x.device != self.values.device:
-            raise ValueError(f"input is on {x.device} but SparseLinear is on {self.values.device}")
-        return torch.ops.wanda_kernels.sparse24_linear(x, self.values, self.meta, self.bias, self.out_features,
+        if x.dtype != values.dtype:
+            raise TypeError(f"SparseLinear holds {values.dtype} weights; got input of {x.dtype}")
+        if x.device != values.device:
+            raise ValueError(f"input is on {x.device} but SparseLinear is on {values.device}")
+        fn = self._kernel_fn
+        if (fn is not None and type(x) is torch.Tensor and not (x.requires_grad and torch.is_grad_enabled())
+                and not torch.compiler.is_compiling()):
+            return fn(x, values, self.meta, self.bias, self.out_features)
+        return torch.ops.wanda_kernels.sparse24_linear(x, values, self.meta, self.bias, self.out_features,
                                                        self.meta_format)
 
     def kernel(self) -> str:

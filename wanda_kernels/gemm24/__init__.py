@@ -9,7 +9,8 @@ For benchmarks, tools and users who hold compressed operands themselves:
 * :mod:`.launch`: raw launches on operands already shaped for a kernel
   (``launch_sm80``, ``launch_sm90``);
 * :mod:`.op`: ``y = x @ W.T + b`` from any input (``pad_input``, ``sm80_tokens``,
-  ``sm80_linear``, ``sm90_linear``) and the ``torch.library`` op ``sparse24_linear``.
+  ``sm80_linear``, ``sm90_linear``, ``kernel_linear`` to pick one), the
+  ``torch.library`` op ``sparse24_linear`` and its operand checks (``check_operands``).
 
 Importing this package does not load ``_C`` and touches no GPU.
 """

@@ -1,9 +1,15 @@
 """``y = x @ W.T + b`` with a compressed 2:4 weight: input padding, the kernel calls, the ``torch.library`` op.
 
-``torch.ops.wanda_kernels.sparse24_linear`` runs the kernel that
-:func:`~.policy.select_kernel` picks for the input's device, or, with a warning that
-says why (once per reason), ``F.linear`` on the decompressed weight. It has a fake
-(meta) implementation, so ``torch.compile`` traces it.
+``torch.ops.wanda_kernels.sparse24_linear`` checks its operands (:func:`check_operands`,
+errors naming the tensor), then runs the kernel that :func:`~.policy.select_kernel`
+picks for the input's device, or, with a warning that says why (once per reason),
+``F.linear`` on the decompressed weight. It has a fake (meta) implementation, so
+``torch.compile`` traces it.
+
+``SparseLinear`` holds operands that are right by construction and has chosen its
+kernel when it was built or moved (:func:`kernel_linear`): in eager mode it calls that
+function directly, without the op's checks, kernel choice and dispatcher round trip
+(together several times the launch itself on the host).
 """
 
 from __future__ import annotations
@@ -15,12 +21,22 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._layout24 import round_up
+from .._layout24 import COL_MULTIPLE, DTYPES_24, META_FORMATS, ROW_MULTIPLE, meta_shape, round_up
+from .._validation import check_choice, check_positive_int
 from ..sparse24 import decompress_24
 from .launch import launch_sm80, launch_sm90
-from .policy import unavailable_reason
+from .policy import select_kernel, unavailable_reason
 
-__all__ = ["sparse24_linear", "sm80_linear", "sm90_linear", "pad_input", "sm80_tokens", "TOKEN_MULTIPLE"]
+__all__ = [
+    "sparse24_linear",
+    "check_operands",
+    "kernel_linear",
+    "sm80_linear",
+    "sm90_linear",
+    "pad_input",
+    "sm80_tokens",
+    "TOKEN_MULTIPLE",
+]
 
 TOKEN_MULTIPLE = 8  # the sm80 kernel loads x and stores D 8 elements at a time
 
@@ -88,7 +104,8 @@ def sm90_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
         return y[:, :out_features].reshape(*x.shape[:-1], out_features)
     xb = pad_input(x2d, n, k_pad)
     if bias is not None:
-        bias = bias.to(x.dtype)  # the epilogue reads the bias as the output's element type
+        if bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)  # the epilogue reads the bias as the output's element type
         if m != out_features or bias.data_ptr() % 16 or not bias.is_contiguous():
             bias = torch.cat([bias.reshape(-1), bias.new_zeros(m - out_features)])
     try:
@@ -98,6 +115,69 @@ def sm90_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
     if m != out_features:
         y = y[:, :out_features].contiguous()
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def kernel_linear(device: torch.device, dtype: torch.dtype, meta_format: str):
+    """:func:`sm90_linear` or :func:`sm80_linear`: the kernel function for a weight on ``device``
+    of ``dtype`` with metadata in ``meta_format``, or None when no kernel runs it there (the op
+    then runs the dense fallback and says why).
+    """
+    kernel, _ = select_kernel(device, dtype)
+    if kernel is None or kernel != meta_format:
+        return None
+    return sm90_linear if kernel == "sm90" else sm80_linear
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_operands(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+                   out_features: int, meta_format: str) -> None:
+    """The op's argument checks: ``TypeError``/``ValueError`` naming the tensor and what it got.
+
+    ``values (M, K/2)``: float16/bfloat16 of ``x``'s dtype, contiguous, ``M % 32 == 0``,
+    ``K % 64 == 0``, ``M >= out_features``, ``K >= x.shape[-1]``; ``meta``: int16,
+    contiguous, ``meta_shape(M, K, meta_format)``; ``bias``: ``(out_features,)`` of
+    ``x``'s dtype, or None; all on ``x``'s device. Shapes, dtypes and devices only: no
+    tensor data is read.
+    """
+    check_choice("meta_format", meta_format, META_FORMATS)
+    check_positive_int("out_features", out_features)
+    for name, t in (("x", x), ("values", values), ("meta", meta)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must be (..., in_features) with in_features >= 1; got shape {_shape(x)}")
+    if values.dtype not in DTYPES_24:
+        raise TypeError(f"values must be float16 or bfloat16; got {values.dtype}")
+    if x.dtype != values.dtype:
+        raise TypeError(f"x is {x.dtype} but values is {values.dtype}: the input must have the weight's dtype")
+    if values.dim() != 2 or values.shape[0] % ROW_MULTIPLE or (2 * values.shape[1]) % COL_MULTIPLE:
+        raise ValueError(f"values must be (M, K/2) with M % {ROW_MULTIPLE} == 0 and K % {COL_MULTIPLE} == 0 (a "
+                         f"padded weight from compress_24); got shape {_shape(values)}")
+    m, k = values.shape[0], 2 * values.shape[1]
+    if out_features > m:
+        raise ValueError(f"out_features={out_features} but values holds only {m} rows")
+    if x.shape[-1] > k:
+        raise ValueError(f"x has in_features={x.shape[-1]} but values holds only K={k} columns")
+    want = meta_shape(m, k, meta_format)
+    if meta.dtype != torch.int16 or tuple(meta.shape) != want:
+        raise ValueError(f"meta for values {_shape(values)} in the {meta_format} layout must be int16 of shape "
+                         f"{want}; got {meta.dtype} {_shape(meta)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must be None or a tensor of shape ({out_features},); got {_shape(bias)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias is {bias.dtype} but x is {x.dtype}: the bias must have the input's dtype")
+    for name, t in (("values", values), ("meta", meta), ("bias", bias)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if name != "bias" and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the kernels read it with packed strides); got strides "
+                             f"{t.stride()}")
 
 
 @functools.cache
@@ -114,8 +194,10 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     """``x (..., in) -> (..., out_features)`` with a compressed 2:4 weight (see ``SparseLinear``).
 
     ``values (M, K/2)`` and ``meta`` (int16, in ``meta_format``) are a padded weight on
-    ``x``'s device, of ``x``'s dtype; ``bias`` is ``(out_features,)`` or None.
+    ``x``'s device, of ``x``'s dtype; ``bias`` is ``(out_features,)`` or None (see
+    :func:`check_operands`, which raises naming the tensor otherwise).
     """
+    check_operands(x, values, meta, bias, out_features, meta_format)
     reason = unavailable_reason(x, meta_format)
     if reason is None:
         if meta_format == "sm90":
@@ -123,9 +205,10 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
         return sm80_linear(x, values, meta, bias, out_features)
     _warn_once(reason)
     weight = decompress_24(values, meta, meta_format=meta_format)[:out_features, : x.shape[-1]]
-    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return F.linear(x, weight, bias)
 
 
 @sparse24_linear.register_fake
 def _sparse24_linear_fake(x, values, meta, bias, out_features, meta_format="sm80"):
+    check_operands(x, values, meta, bias, out_features, meta_format)
     return x.new_empty(*x.shape[:-1], out_features)

@@ -10,6 +10,8 @@ Pure functions of the device, dtype and problem shape; nothing here launches any
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._layout24 import DTYPES_24
@@ -60,6 +62,7 @@ def sm80_config_for(tokens: int) -> str:
     return "decode" if tokens <= _SM80_DECODE_MAX_TOKENS else "large"
 
 
+@functools.lru_cache(maxsize=4096)  # called per launch; a pure function of three ints
 def sm90_config_for(tokens: int, out_features: int, sm_count: int) -> str:
     """The sm90a configuration ``SparseLinear`` runs for ``tokens`` rows of input (see ``SM90_DISPATCH``)."""
     def tiles(config: str) -> int:
