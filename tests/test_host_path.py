@@ -235,7 +235,8 @@ def test_an_unpickled_module_chooses_its_kernel_again(gpu_like, monkeypatch):
     blob = pickle.dumps(sl)
     monkeypatch.undo()  # back on this CPU machine: no kernel
     loaded = pickle.loads(blob)
-    assert loaded._kernel_fn is None
+    assert loaded._kernel_fn is None and loaded.meta_format == "sm80"  # converted back for this device
+    assert torch.equal(loaded.meta, sl.meta_as("sm80"))
     x = torch.randn(2, 256).half()
     with pytest.warns(RuntimeWarning, match="dense F.linear"):
         op._warn_once.cache_clear()

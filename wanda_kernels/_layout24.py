@@ -38,7 +38,6 @@ FILL_CODE = 0xE  # the code of a group with no non-zero: positions 2 and 3
 FILL_WORD = -0x1112  # four fill codes, 0xEEEE, as a signed int16
 
 
-
 def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 

@@ -81,9 +81,9 @@ class SparseLinear(nn.Module):
     def _sync_meta_format(self) -> None:
         """Put ``meta`` in the layout of the kernel that will run on the module's device, and pick that kernel.
 
-        Runs at construction, after every move (``.to``, ``.cuda``, ``.half``) and after
-        ``load_state_dict``: the only times the device, dtype or layout can change. So
-        ``forward`` decides nothing per call.
+        Runs at construction, after every move (``.to``, ``.cuda``, ``.half``), after
+        ``load_state_dict`` and after unpickling: the only times the device, dtype or layout
+        can change. So ``forward`` decides nothing per call.
         """
         target = policy.meta_format_for(self.values.device, self.values.dtype)
         if target != self.meta_format:
@@ -98,10 +98,10 @@ class SparseLinear(nn.Module):
         return result
 
     def __setstate__(self, state):
-        # Unpickled (torch.load of a whole module, possibly with map_location): the kernel
-        # chosen where it was saved may not run here; choose again.
+        # Unpickled (torch.load of a whole module, possibly with map_location): the layout
+        # and kernel chosen where it was saved may not be this device's; choose again.
         super().__setstate__(state)
-        self._kernel_fn = kernel_linear(self.values.device, self.values.dtype, self.meta_format)
+        self._sync_meta_format()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
