@@ -72,7 +72,6 @@ class CMakeBuild(build_ext):
         run_build([args, ["cmake", "--build", str(build_dir), "--parallel", str(jobs)]])
 
 
-
 reason = skip_reason()
 if reason is not None:
     print(f"wanda_kernels: skipping the CUDA extension _C ({reason}); the package works without it, "
