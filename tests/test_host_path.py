@@ -79,7 +79,6 @@ def gpu_like(monkeypatch):
         return kernel, None if kernel else "this test's device has no kernel"
 
     monkeypatch.setattr(policy, "select_kernel", select_kernel)
-    monkeypatch.setattr(op, "select_kernel", select_kernel)
     monkeypatch.setattr(launch, "extension", lambda: ext)
     monkeypatch.setattr(launch, "sm_count", lambda index: 132)
     monkeypatch.setattr(launch, "_raw_stream_query", lambda: (lambda index: STREAM))

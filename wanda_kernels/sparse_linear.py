@@ -65,7 +65,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", torch.zeros(m, k // 2, dtype=dtype, device=device))
         self.register_buffer("meta", filled_meta(m, k, self.meta_format, device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self._kernel_fn = kernel_linear(device, dtype, self.meta_format)
+        self._sync_meta_format()  # the layout is already right: this picks the kernel
 
     # -- metadata layout follows the device ---------------------------------------------
 
@@ -183,8 +183,7 @@ class SparseLinear(nn.Module):
 
     def kernel(self) -> str:
         """What ``forward`` runs for inputs on this module's device, e.g. ``"cutlass-sm90a (wgmma.sp)"``."""
-        probe = torch.empty(0, dtype=self.values.dtype, device=self.values.device)
-        reason = policy.unavailable_reason(probe, self.meta_format)
+        reason = policy.kernel_unavailable(self.values.device, self.values.dtype, self.meta_format)
         if reason is None:
             return _KERNEL_NAMES[self.meta_format]
         return f"dense fallback ({reason.split(';')[0]})"

@@ -25,7 +25,7 @@ from .._layout24 import COL_MULTIPLE, DTYPES_24, META_FORMATS, ROW_MULTIPLE, met
 from .._validation import check_choice, check_positive_int
 from ..sparse24 import decompress_24
 from .launch import launch_sm80, launch_sm90
-from .policy import select_kernel, unavailable_reason
+from .policy import kernel_unavailable, unavailable_reason
 
 __all__ = [
     "sparse24_linear",
@@ -122,10 +122,9 @@ def kernel_linear(device: torch.device, dtype: torch.dtype, meta_format: str):
     of ``dtype`` with metadata in ``meta_format``, or None when no kernel runs it there (the op
     then runs the dense fallback and says why).
     """
-    kernel, _ = select_kernel(device, dtype)
-    if kernel is None or kernel != meta_format:
+    if kernel_unavailable(device, dtype, meta_format) is not None:
         return None
-    return sm90_linear if kernel == "sm90" else sm80_linear
+    return sm90_linear if meta_format == "sm90" else sm80_linear
 
 
 def _shape(t) -> str:

@@ -21,6 +21,7 @@ __all__ = [
     "select_kernel",
     "meta_format_for",
     "unavailable_reason",
+    "kernel_unavailable",
     "sm80_config_for",
     "sm90_config_for",
     "SM80_CONFIGS",
@@ -109,7 +110,13 @@ def meta_format_for(device: torch.device, dtype: torch.dtype) -> str:
 
 def unavailable_reason(x: torch.Tensor, meta_format: str = "sm80") -> str | None:
     """Why no CUTLASS kernel runs input ``x`` with metadata in ``meta_format`` (None when one does)."""
-    kernel, reason = select_kernel(x.device, x.dtype)
+    return kernel_unavailable(x.device, x.dtype, meta_format)
+
+
+def kernel_unavailable(device: torch.device, dtype: torch.dtype, meta_format: str = "sm80") -> str | None:
+    """Why no CUTLASS kernel runs a weight of ``dtype`` on ``device`` with metadata in ``meta_format``
+    (None when one does): no kernel there at all, or one that reads the other layout."""
+    kernel, reason = select_kernel(device, dtype)
     if kernel is None:
         return reason
     if kernel != meta_format:
