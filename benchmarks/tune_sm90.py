@@ -8,6 +8,12 @@ keeps the raw times. Decode sizes (<= 512 tokens) are timed as CUDA-graph replay
 rotating through weight copies larger than L2, larger ones with do_bench. Every
 configuration's output is checked against fp32 F.linear before it is timed.
 Needs compute capability 9.0 and a build with the sm90a kernels.
+
+``--schedules`` sweeps instead how the persistent configurations walk their tiles
+(``Sm90Schedule``): swizzle x raster order of ``large`` and ``wide`` at many tokens on
+every LLaMA shape, and split-K slice counts of ``streamk`` at decode sizes, each
+beside cuBLAS and the configuration's default schedule in the same run. The schedule
+rule in ``policy.sm90_schedule_for`` is read off that output.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from _common import bench_ms, environment, graph_ms, rotation_copies, write_results
+from _common import LLAMA_SHAPES, bench_ms, environment, graph_ms, rotation_copies, write_results
 
 log = logging.getLogger("tune_sm90")
 
@@ -63,11 +69,89 @@ def host_overhead(device, dtype, calls: int = 200) -> dict:
     return out
 
 
+SCHEDULE_TOKENS = [2048, 8192]
+SPLITK_TOKENS = [1, 16, 64, 128]
+SPLITS = [1, 2, 4, 8, 16]
+
+
+def _weight(out_f, in_f, device, dtype):
+    import wanda_kernels as wk
+
+    g = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(out_f, in_f, generator=g, device=device, dtype=dtype)
+    wk.prune_(w, torch.rand(in_f, generator=g, device=device) + 0.1, pattern="2:4")
+    values, meta = wk.compress_24(w, meta_format="sm90")
+    return w, values, meta
+
+
+def schedule_sweep(device, dtype, dtype_name, save) -> list[dict]:
+    """Rows of (shape, tokens, config) with cuBLAS and every schedule's time, each output checked first.
+
+    ``save(rows)`` is called after each shape, so that a run cut short keeps what it measured.
+    """
+    from wanda_kernels.gemm24 import SM90_RASTERS, Sm90Schedule, launch_sm90
+
+    big = [Sm90Schedule(swizzle, raster) for raster in SM90_RASTERS for swizzle in (1, 2, 4, 8)]
+    rows = []
+    for model, layers in LLAMA_SHAPES.items():
+        for layer, (out_f, in_f) in layers.items():
+            w, values, meta = _weight(out_f, in_f, device, dtype)
+            cases = [(t, c, big) for t in SCHEDULE_TOKENS for c in ("large", "wide")]
+            cases += [(t, "streamk", [Sm90Schedule(splits=n) for n in SPLITS]) for t in SPLITK_TOKENS]
+            for tokens, config, schedules in cases:
+                x = torch.randn(tokens, in_f, device=device, dtype=dtype)
+                ref = F.linear(x.float(), w.float())
+                bound = 2 * float((F.linear(x, w).float() - ref).abs().max()) + 1e-3
+                graph = tokens <= GRAPH_MAX_TOKENS
+                n = rotation_copies(values.numel() * values.element_size() * 5 // 4, device) if graph else 1
+                vals = [values] + [values.clone() for _ in range(n - 1)]
+                ws = [w] + [w.clone() for _ in range(n - 1)]
+
+                def timed(fns):
+                    return graph_ms(fns, device) if graph else bench_ms(fns[0], device)
+
+                y = torch.empty(tokens, out_f, device=device, dtype=dtype)
+                row = dict(shape=f"{model} {layer}", out_features=out_f, in_features=in_f, tokens=tokens,
+                           dtype=dtype_name, config=config, dense_ms=timed([lambda w=w_: F.linear(x, w) for w_ in ws]),
+                           timing="cuda-graph replay, weights rotated past L2" if graph else "do_bench median")
+                if config != "decode" and tokens <= GRAPH_MAX_TOKENS:
+                    row["decode_ms"] = timed([lambda v=v: launch_sm90(v, meta, x, y, None, "decode") for v in vals])
+                times = {}
+                for sched in schedules:
+                    key = f"swizzle={sched.swizzle},raster={sched.raster},splits={sched.splits}"
+                    try:
+                        y.fill_(float("nan"))
+                        launch_sm90(values, meta, x, y, None, config, sched)
+                        err = float((y.float() - ref).abs().max())
+                        if not err <= bound:
+                            row[f"error {key}"] = f"max error {err:.3g} > {bound:.3g}"
+                            continue
+                        times[key] = timed([lambda v=v, s=sched: launch_sm90(v, meta, x, y, None, config, s)
+                                            for v in vals])
+                    except (RuntimeError, ValueError) as exc:
+                        row[f"error {key}"] = str(exc)[:200]
+                row["schedule_ms"] = times
+                if times:
+                    default = times.get("swizzle=1,raster=heuristic,splits=1")
+                    best = min(times, key=times.get)
+                    row.update(best=best, best_ms=times[best], default_ms=default,
+                               best_vs_dense=row["dense_ms"] / times[best])
+                    log.info("%-12s %5d tok %-7s dense %8.1f us  default %8.1f  best %8.1f (%s)  %.2fx dense",
+                             row["shape"], tokens, config, row["dense_ms"] * 1e3, (default or float("nan")) * 1e3,
+                             times[best] * 1e3, best, row["best_vs_dense"])
+                rows.append(row)
+                del vals, ws
+            save(rows)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--schedules", action="store_true", help="sweep the persistent schedules (tile order, split-K) "
+                   "instead of the configurations")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
@@ -81,6 +165,14 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda")
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+    if args.schedules:
+        env = environment(device)
+
+        def save(rows):
+            return write_results(f"tune_sm90_schedules_{args.dtype}", env, rows, args.out_dir)
+
+        print(f"wrote {save(schedule_sweep(device, dtype, args.dtype, save))}")
+        return 0
     rows = []
     for name, (out_f, in_f) in SHAPES.items():
         g = torch.Generator(device=device).manual_seed(0)

@@ -35,7 +35,7 @@ Sm80Problem make_sm80_problem(Sm80Config config, int m, int n, int k, std::uintp
 
 Sm90Problem make_sm90_problem(int m, int n, int k, std::uintptr_t values, std::uintptr_t meta, std::uintptr_t x,
                               std::int64_t ldx, std::uintptr_t y, std::int64_t ldy, std::uintptr_t bias,
-                              std::uintptr_t workspace, int sm_count) {
+                              std::uintptr_t workspace, int sm_count, Sm90Schedule schedule) {
   WK_CHECK_MULTIPLE("m (out_features)", m, 8);  // y rows are TMA-stored: 16-byte multiples
   WK_CHECK_MULTIPLE("k (in_features)", k, 64);  // the values' row length of the shared 2:4 format
   WK_CHECK(n > 0, "n (tokens) must be positive; got ", n);
@@ -47,7 +47,11 @@ Sm90Problem make_sm90_problem(int m, int n, int k, std::uintptr_t values, std::u
   WK_CHECK(ldx >= k && ldx % 8 == 0, "x row stride (ldx) must be >= k and a multiple of 8; got ", ldx);
   WK_CHECK(ldy >= m && ldy % 8 == 0, "y row stride (ldy) must be >= m and a multiple of 8; got ", ldy);
   WK_CHECK(sm_count > 0, "sm_count must be positive; got ", sm_count);
-  return Sm90Problem{m, n, k, values, meta, x, ldx, y, ldy, bias, workspace, sm_count};
+  int const swizzle = schedule.swizzle;
+  WK_CHECK(swizzle == 1 || swizzle == 2 || swizzle == 4 || swizzle == 8, "swizzle must be 1, 2, 4 or 8; got ",
+           swizzle);
+  WK_CHECK(schedule.splits >= 1, "splits must be >= 1; got ", schedule.splits);
+  return Sm90Problem{m, n, k, values, meta, x, ldx, y, ldy, bias, workspace, sm_count, schedule};
 }
 
 }  // namespace
@@ -70,6 +74,10 @@ PYBIND11_MODULE(_C, mod) {
       .value("large", Sm90Config::kLarge)
       .value("streamk", Sm90Config::kStreamK)
       .value("wide", Sm90Config::kWide);
+  py::enum_<Sm90Raster>(mod, "Sm90Raster", "Order in which the persistent sm90a schedulers walk output tiles.")
+      .value("heuristic", Sm90Raster::kHeuristic)
+      .value("along_m", Sm90Raster::kAlongM)
+      .value("along_n", Sm90Raster::kAlongN);
 
   mod.def(
       "sm80_gemm",
@@ -99,35 +107,44 @@ PYBIND11_MODULE(_C, mod) {
       "sm90_gemm",
       [](DType dtype, Sm90Config config, int m, int n, int k, std::uintptr_t values, std::uintptr_t meta,
          std::uintptr_t x, std::int64_t ldx, std::uintptr_t y, std::int64_t ldy, std::uintptr_t bias,
-         std::uintptr_t workspace, int sm_count, std::uintptr_t stream) {
-        auto p = make_sm90_problem(m, n, k, values, meta, x, ldx, y, ldy, bias, workspace, sm_count);
+         std::uintptr_t workspace, int sm_count, std::uintptr_t stream, int swizzle, Sm90Raster raster, int splits) {
+        auto p = make_sm90_problem(m, n, k, values, meta, x, ldx, y, ldy, bias, workspace, sm_count,
+                                   Sm90Schedule{swizzle, raster, splits});
         py::gil_scoped_release release;
         return sm90_gemm(dtype, config, p, reinterpret_cast<void*>(stream));
       },
       py::arg("dtype"), py::arg("config"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values"),
       py::arg("meta"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"), py::arg("bias"),
-      py::arg("workspace"), py::arg("sm_count"), py::arg("stream"),
-      "Launch the sm90a kernel on `stream`; returns a cutlass::Status code (0 = success).");
+      py::arg("workspace"), py::arg("sm_count"), py::arg("stream"), py::arg("swizzle") = 1,
+      py::arg("raster") = Sm90Raster::kHeuristic, py::arg("splits") = 1,
+      "Launch the sm90a kernel on `stream`; returns a cutlass::Status code (0 = success). swizzle, raster and "
+      "splits (split-K slices, streamk only) set the persistent scheduler's tile order; the defaults are CUTLASS's.");
 
   mod.def(
       "sm90_can_implement",
       [](DType dtype, Sm90Config config, int m, int n, int k, std::uintptr_t values, std::uintptr_t meta,
-         std::uintptr_t x, std::int64_t ldx, std::uintptr_t y, std::int64_t ldy, std::uintptr_t bias, int sm_count) {
-        auto p = make_sm90_problem(m, n, k, values, meta, x, ldx, y, ldy, bias, 0, sm_count);
+         std::uintptr_t x, std::int64_t ldx, std::uintptr_t y, std::int64_t ldy, std::uintptr_t bias, int sm_count,
+         int swizzle, Sm90Raster raster, int splits) {
+        auto p = make_sm90_problem(m, n, k, values, meta, x, ldx, y, ldy, bias, 0, sm_count,
+                                   Sm90Schedule{swizzle, raster, splits});
         return sm90_can_implement(dtype, config, p);
       },
       py::arg("dtype"), py::arg("config"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("values"),
       py::arg("meta"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"), py::arg("bias"),
-      py::arg("sm_count"), "CUTLASS's host-side check of an sm90a problem (no GPU needed); a cutlass::Status code.");
+      py::arg("sm_count"), py::arg("swizzle") = 1, py::arg("raster") = Sm90Raster::kHeuristic, py::arg("splits") = 1,
+      "CUTLASS's host-side check of an sm90a problem (no GPU needed); a cutlass::Status code.");
 
   mod.def(
       "sm90_workspace_size",
-      [](DType dtype, Sm90Config config, int m, int n, int k, int sm_count) {
+      [](DType dtype, Sm90Config config, int m, int n, int k, int sm_count, int swizzle, Sm90Raster raster,
+         int splits) {
         // Pointers do not enter the size; aligned placeholders pass the checks.
-        auto p = make_sm90_problem(m, n, k, 16, 16, 16, k, 16, m, 0, 0, sm_count);
+        auto p = make_sm90_problem(m, n, k, 16, 16, 16, k, 16, m, 0, 0, sm_count,
+                                   Sm90Schedule{swizzle, raster, splits});
         return sm90_workspace_size(dtype, config, p);
       },
       py::arg("dtype"), py::arg("config"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("sm_count"),
+      py::arg("swizzle") = 1, py::arg("raster") = Sm90Raster::kHeuristic, py::arg("splits") = 1,
       "Bytes of device workspace an sm90a launch needs (0 for the data-parallel configurations).");
 
   mod.def(
@@ -178,5 +195,8 @@ PYBIND11_MODULE(_C, mod) {
       py::arg("config"), "(threadblock M, N, K, N alignment) of a tile configuration.");
 
   mod.attr("cuda_archs") = WK_CUDA_ARCHS;
+  // Raised whenever a function's arguments change, so that wanda_kernels refuses a _C
+  // built from older sources with a message to rebuild (loader.INTERFACE_VERSION).
+  mod.attr("interface_version") = 2;
   mod.attr("cutlass_version") = py::str("{}.{}.{}").format(CUTLASS_MAJOR, CUTLASS_MINOR, CUTLASS_PATCH);
 }

@@ -159,6 +159,21 @@ struct Sm90Gemm {
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.thread.bias_ptr = reinterpret_cast<Element const*>(p.bias);  // null: no bias
+    // Ignored by kDecode's non-persistent kernel, which has these arguments but launches
+    // one CTA per tile in grid order.
+    using Raster = decltype(args.scheduler.raster_order);
+    static_assert(static_cast<int>(Raster::Heuristic) == static_cast<int>(Sm90Raster::kHeuristic) &&
+                      static_cast<int>(Raster::AlongM) == static_cast<int>(Sm90Raster::kAlongM) &&
+                      static_cast<int>(Raster::AlongN) == static_cast<int>(Sm90Raster::kAlongN),
+                  "Sm90Raster must list CUTLASS's RasterOrderOptions in its order");
+    args.scheduler.raster_order = static_cast<Raster>(static_cast<int>(p.schedule.raster));
+    args.scheduler.max_swizzle_size = p.schedule.swizzle;
+    if constexpr (C == Sm90Config::kStreamK) {
+      if (p.schedule.splits > 1) {
+        args.scheduler.splits = p.schedule.splits;
+        args.scheduler.decomposition_mode = decltype(args.scheduler.decomposition_mode)::SplitK;
+      }
+    }
     return args;
   }
 };

@@ -44,6 +44,22 @@ constexpr Sm90TileShape sm90_tile_shape(Sm90Config config) {
   return {0, 0, 0};
 }
 
+// The order in which the persistent schedulers (kLarge, kWide, kStreamK) hand output
+// tiles to CTAs: CUTLASS's RasterOrderOptions, in its order. kDecode launches one CTA
+// per tile and ignores it.
+enum class Sm90Raster : int { kHeuristic = 0, kAlongM = 1, kAlongN = 2 };
+
+// How a persistent kernel walks its tiles. `swizzle` (1, 2, 4 or 8) groups that many
+// neighbouring tiles along the raster, so that CTAs running at the same time share x
+// and W tiles in L2. `splits` > 1 (kStreamK only) replaces the stream-K decomposition
+// by a split-K of that many K slices, reduced in the workspace. The defaults are
+// CUTLASS's.
+struct Sm90Schedule {
+  int swizzle = 1;
+  Sm90Raster raster = Sm90Raster::kHeuristic;
+  int splits = 1;
+};
+
 struct Sm90Problem {
   int m, n, k;              // out_features (M % 8 == 0), tokens, in_features (K % 64 == 0)
   std::uintptr_t values;    // M x K/2 elements, row-major
@@ -56,6 +72,7 @@ struct Sm90Problem {
   std::uintptr_t workspace; // sm90_workspace_size bytes (0 when that is 0)
   int sm_count;             // multiprocessors of the device: the persistent and stream-K
                             // schedulers launch at most this many CTAs and loop over tiles
+  Sm90Schedule schedule;    // tile order and split of the persistent configurations
 };
 
 // One (dtype, configuration) instance of the kernel. The members are defined in

@@ -9,11 +9,14 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
+import wanda_kernels
+from wanda_kernels.gemm24 import SM90_RASTERS
 from wanda_kernels.gemm24 import loader as _ext
 
 P = 0x10000  # a 16-byte aligned stand-in pointer: can_implement never dereferences
@@ -126,6 +129,42 @@ def test_sm90_workspace_only_for_stream_k(ext):
     assert ext.sm90_config_shape(ext.Sm90Config.wide) == (128, 256, 128)
 
 
+def test_sm90_schedules_are_accepted_and_split_k_needs_a_workspace(ext):
+    if not ext.sm90_built():
+        pytest.skip("built without the sm90a kernels")
+    f16, cfg, raster = ext.DType.float16, ext.Sm90Config, ext.Sm90Raster
+    for config in (cfg.large, cfg.wide, cfg.streamk):
+        for swizzle in (1, 2, 4, 8):
+            for order in (raster.heuristic, raster.along_m, raster.along_n):
+                assert ext.sm90_can_implement(f16, config, 4096, 8192, 4096, P, P, P, 4096, P, 4096, 0, 132,
+                                              swizzle, order, 1) == 0
+    assert ext.sm90_can_implement(f16, cfg.streamk, 1024, 16, 8192, P, P, P, 8192, P, 1024, 0, 132,
+                                  1, raster.heuristic, 16) == 0
+    # Split-K's partial sums live in the workspace: more slices, more of it.
+    two = ext.sm90_workspace_size(f16, cfg.streamk, 1024, 16, 8192, 132, 1, raster.heuristic, 2)
+    sixteen = ext.sm90_workspace_size(f16, cfg.streamk, 1024, 16, 8192, 132, 1, raster.heuristic, 16)
+    assert 0 < two < sixteen
+    assert tuple(ext.Sm90Raster.__members__) == SM90_RASTERS
+
+
+def test_the_extension_interface_version_is_this_packages(ext):
+    assert ext.interface_version == _ext.INTERFACE_VERSION
+
+
+def test_an_extension_built_from_other_sources_is_refused(monkeypatch):
+    stale = types.ModuleType("wanda_kernels._C")
+    stale.__file__ = "/somewhere/_C.so"  # no interface_version: built before it existed
+    monkeypatch.setitem(sys.modules, "wanda_kernels._C", stale)
+    monkeypatch.setattr(wanda_kernels, "_C", stale, raising=False)
+    _ext._load.cache_clear()
+    try:
+        assert _ext.extension() is None
+        error = _ext.extension_error()
+        assert "interface version 1, this package needs" in error and "rebuild" in error and "/somewhere/_C.so" in error
+    finally:
+        _ext._load.cache_clear()
+
+
 def test_sm90_dispatch_tiles_are_the_built_configurations(ext):
     # The dispatch (gemm24.policy) counts tiles with its own copy of the configurations
     # and their shapes: they must be the enum and the table _C was built from.
@@ -198,6 +237,8 @@ def _call_args(ext, kernel, change):
         ("sm90", dict(ldx=4100), r"x row stride \(ldx\) must be >= k and a multiple of 8; got 4100"),
         ("sm90", dict(ldy=8), r"y row stride \(ldy\) must be >= m"),
         ("sm90", dict(sm_count=0), r"sm_count must be positive; got 0"),
+        ("sm90", dict(swizzle=3), r"swizzle must be 1, 2, 4 or 8; got 3"),
+        ("sm90", dict(splits=0), r"splits must be >= 1; got 0"),
     ],
 )
 def test_argument_checks_name_the_argument(ext, kernel, change, message):
@@ -212,6 +253,7 @@ def test_argument_checks_name_the_argument(ext, kernel, change, message):
 @pytest.mark.parametrize(("kernel", "change"), [
     ("sm80", dict(dtype=0)), ("sm80", dict(config=1)), ("sm80", dict(config=("Sm90Config", "large"))),
     ("sm90", dict(dtype=1)), ("sm90", dict(config=3)), ("sm90", dict(config=("Sm80Config", "decode"))),
+    ("sm90", dict(raster=2)),
 ])
 def test_dtype_and_config_are_enums_not_integers(ext, kernel, change):
     # An integer, or the other kernel's configuration enum, is refused by pybind's
@@ -258,10 +300,11 @@ def test_the_launchers_map_every_dtype_and_configuration_to_the_enums(ext):
     # query (host-only) accepts them.
     from wanda_kernels.gemm24 import SM80_CONFIGS, SM90_CONFIGS, launch
 
-    dtypes, sm80, sm90 = launch._enums(ext)
+    dtypes, sm80, sm90, rasters = launch._enums(ext)
     assert set(dtypes) == {torch.float16, torch.bfloat16} and set(sm80) == set(SM80_CONFIGS)
-    assert set(sm90) == set(SM90_CONFIGS)
+    assert set(sm90) == set(SM90_CONFIGS) and set(rasters) == set(SM90_RASTERS)
     if ext.sm90_built():
-        sizes = {c: launch._sm90_workspace_bytes(dtypes[torch.bfloat16], sm90[c], 4096, 16, 4096, 132)
+        sizes = {c: launch._sm90_workspace_bytes(dtypes[torch.bfloat16], sm90[c], 4096, 16, 4096, 132, 1,
+                                                 rasters["heuristic"], 1)
                  for c in SM90_CONFIGS}
         assert sizes["streamk"] > 0 and sizes["decode"] == sizes["large"] == sizes["wide"] == 0

@@ -249,6 +249,49 @@ def test_sm90_each_config_error_within_twice_dense(out_f, in_f, tokens, dtype, c
     assert sparse_err <= 2 * dense_err + 1e-6, (float(sparse_err), float(dense_err))
 
 
+SCHEDULE_CASES = [(cfg, (swizzle, raster, 1)) for cfg in ("large", "wide") for swizzle in (1, 2, 4, 8)
+                  for raster in ("heuristic", "along_m", "along_n")]
+SCHEDULE_CASES += [("streamk", (1, "heuristic", splits)) for splits in (2, 4, 8, 16)]
+SCHEDULE_CASES += [("streamk", (4, "along_n", 3))]
+
+
+@pytest.mark.parametrize(("config", "schedule"), SCHEDULE_CASES)
+@pytest.mark.parametrize(("out_f", "in_f", "tokens"), [(4096, 4096, 2048), (1024, 8192, 16), (104, 192, 13)])
+def test_sm90_every_schedule_error_within_twice_dense(config, schedule, out_f, in_f, tokens):
+    # A schedule only reorders (or, split-K, slices and reduces) the tiles: the result
+    # must stay as close to fp32 as cuBLAS's, with every output written.
+    from wanda_kernels.gemm24 import Sm90Schedule, launch_sm90
+
+    _hopper()
+    lin, g = _pruned(out_f, in_f, torch.float16, bias=True)
+    sl = wk.SparseLinear.from_linear(lin)
+    x = torch.randn(tokens, in_f, generator=g, device="cuda", dtype=torch.float16)
+    y = torch.full((tokens, out_f), float("nan"), device="cuda", dtype=torch.float16)
+    launch_sm90(sl.values, sl.meta, x, y, sl.bias, config, Sm90Schedule(*schedule))
+    ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    dense_err = (torch.nn.functional.linear(x, lin.weight, lin.bias).float() - ref).abs().max()
+    assert not y.isnan().any()
+    assert (y.float() - ref).abs().max() <= 2 * dense_err + 1e-6
+
+
+def test_sm90_schedule_rule_runs_on_every_llama_shape():
+    # The schedules policy.sm90_schedule_for picks are accepted by CUTLASS for every
+    # LLaMA shape and token count of the benchmarks (a bad pick fails at launch).
+    from wanda_kernels.gemm24 import launch_sm90
+
+    _hopper()
+    for out_f, in_f in [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 8192), (8192, 28672)]:
+        lin, g = _pruned(out_f, in_f, torch.float16)
+        sl = wk.SparseLinear.from_linear(lin)
+        for tokens in (1, 16, 128, 2048, 8192):
+            x = torch.randn(tokens, in_f, generator=g, device="cuda", dtype=torch.float16)
+            y = torch.empty(tokens, out_f, device="cuda", dtype=torch.float16)
+            launch_sm90(sl.values, sl.meta, x, y)
+            ref = torch.nn.functional.linear(x.float(), lin.weight.float())
+            dense_err = (torch.nn.functional.linear(x, lin.weight).float() - ref).abs().max()
+            assert (y.float() - ref).abs().max() <= 2 * dense_err + 1e-6, (out_f, in_f, tokens)
+
+
 def test_sm90_module_layout_follows_the_device_and_checkpoints_sm80():
     _hopper()
     lin, g = _pruned(4096, 4096, torch.float16)

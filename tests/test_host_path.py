@@ -47,6 +47,7 @@ class FakeExtension:
     DType = _enum("float16", "bfloat16")
     Sm80Config = _enum("decode", "large")
     Sm90Config = _enum("decode", "large", "streamk", "wide")
+    Sm90Raster = _enum("heuristic", "along_m", "along_n")
 
     def __init__(self):
         self.launches = []
@@ -59,7 +60,7 @@ class FakeExtension:
         self.launches.append(("sm80", args))
         return 0
 
-    def sm90_workspace_size(self, dtype, config, m, n, k, sms):
+    def sm90_workspace_size(self, dtype, config, m, n, k, sms, swizzle, raster, splits):
         return 1024 if config == "<streamk>" else 0
 
     def status_string(self, status):
@@ -131,8 +132,9 @@ def test_sm90_forward_hands_the_kernel_its_operands_in_place(gpu_like):
     assert len(selections) == chosen, "forward chose the kernel again"
     assert y.shape == (2, 3, 128)
     (kernel, args), = ext.launches
-    dtype, cfg, m, n, k, values, meta, xp, ldx, yp, ldy, bias, workspace, sms, stream = args
+    dtype, cfg, m, n, k, values, meta, xp, ldx, yp, ldy, bias, workspace, sms, stream, *schedule = args
     assert kernel == "sm90" and dtype == "<float16>" and cfg == "<decode>"  # 2 x 4 tiles of 64 x 32 fit one wave
+    assert schedule == [1, "<heuristic>", 1]  # swizzle, raster, splits: CUTLASS's defaults
     assert (m, n, k, ldx, ldy) == (128, 6, 256, 256, 128)
     assert values == sl.values.data_ptr() and meta == sl.meta.data_ptr() and bias == sl.bias.data_ptr()
     assert xp == x.data_ptr(), "an aligned contiguous input must be read in place, not copied"
@@ -148,12 +150,25 @@ def test_sm90_stream_k_gets_a_workspace_and_odd_shapes_are_padded(gpu_like):
     with OpLog() as log:
         y = sl(x)
     (_, args), = ext.launches
-    dtype, cfg, m, n, k, values, meta, xp, ldx, yp, ldy, bias, workspace, sms, stream = args
+    dtype, cfg, m, n, k, values, meta, xp, ldx, yp, ldy, bias, workspace, sms, stream, *schedule = args
     assert cfg == "<streamk>" and workspace != 0  # 65 x 3 decode tiles: more than a wave
     assert (m, n, k, ldx, ldy) == (4104, 96, 128, 128, 4104)
     assert xp != x.data_ptr()  # K padded: a copy
     assert y.shape == (96, 4100) and y.is_contiguous()
     assert not HOST_READS & set(log.ops), log.ops
+
+
+def test_launch_sm90_hands_an_explicit_schedule_to_the_kernel_and_the_workspace_query(gpu_like, monkeypatch):
+    ext, _ = gpu_like("sm90")
+    queries = []
+    monkeypatch.setattr(ext, "sm90_workspace_size", lambda *args: queries.append(args) or 4096)
+    sl = SparseLinear.from_linear(_layer(256, 128))
+    x, y = torch.randn(16, 256).half(), torch.empty(16, 128).half()
+    launch.launch_sm90(sl.values, sl.meta, x, y, None, "streamk", policy.Sm90Schedule(8, "along_n", 4))
+    (_, args), = ext.launches
+    assert args[1] == "<streamk>" and args[-3:] == (8, "<along_n>", 4)
+    assert args[12] != 0  # the workspace the query asked for
+    assert queries == [("<float16>", "<streamk>", 128, 16, 256, 132, 8, "<along_n>", 4)]
 
 
 def test_sm80_forward_pads_tokens_and_adds_the_bias_in_one_pass(gpu_like):

@@ -11,6 +11,11 @@
 #   tools/gpu_check.sh bench-decode  benchmarks/e2e_decode.py (CUDA graphs)     -> e2e_decode_<gpu>.json
 #   tools/gpu_check.sh bench-prune   benchmarks/prune_speed.py                  -> prune_speed_<gpu>.json
 #   tools/gpu_check.sh tune          benchmarks/tune_sm90.py, tune_mask.py      -> tune_sm90_fp16_<gpu>.json, tune_mask_<gpu>.json
+#   tools/gpu_check.sh tune-schedules  benchmarks/tune_sm90.py --schedules      -> tune_sm90_schedules_fp16_<gpu>.json
+#   tools/gpu_check.sh smollm2       the built-in SmolLM2-135M on the GPU: the perplexity table, a Wanda prune
+#                                    with the paper's calibration on the GPU and on this machine's CPU, the
+#                                    demo, and a SmolLM2-shaped decode  -> smollm2/ (needs the model's and
+#                                    corpus's assets installed: tools/install_assets.sh, or see NOTES.md)
 #
 # Several steps may be named in one call; each runs under its own time limit, and a
 # failing step does not stop the next. Every step but `build` needs a built _C: either
@@ -26,6 +31,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 STEP_LIMIT=${STEP_LIMIT:-470}  # seconds; under 8 minutes
 status=0
+STEPS="build tests memcheck racecheck bench-gemm bench-decode bench-prune tune tune-schedules smollm2"
 
 device_info() {
   "$PY" - <<'EOF' 2>&1 | tee "$OUT/device.txt"
@@ -84,8 +90,21 @@ for step in "$@"; do
       device_info
       run_step tune-sm90 tune_sm90.txt "$PY" benchmarks/tune_sm90.py --out-dir "$OUT"
       run_step tune-mask tune_mask.txt "$PY" benchmarks/tune_mask.py --out-dir "$OUT" ;;
-    *) echo "unknown step '$step'; steps: build tests memcheck racecheck bench-gemm bench-decode bench-prune tune" >&2; exit 2 ;;
+    smollm2)
+      device_info; mkdir -p "$OUT/smollm2"
+      nproc > "$OUT/smollm2/cpu.txt"; lscpu | grep -i "model name" >> "$OUT/smollm2/cpu.txt"
+      run_step ppl-table smollm2/ppl_table.txt "$PY" benchmarks/ppl_table.py --device cuda --out-dir "$OUT/smollm2"
+      for dev in cuda cpu; do
+        run_step "prune-$dev" "smollm2/cli_prune_$dev.txt" bash -c "time '$PY' -m wanda_kernels -v prune \
+          --sparsity 0.5 --device $dev --eval --output \"\$(mktemp -d)/pruned\""
+      done
+      run_step demo smollm2/demo.txt bash -c "time '$PY' -m wanda_kernels demo --device cuda --output-dir '$OUT/smollm2'"
+      run_step decode-smollm2-shape smollm2/e2e_decode.txt "$PY" benchmarks/e2e_decode.py --layers 30 --hidden 576 \
+        --intermediate 1536 --heads 9 --out-dir "$OUT/smollm2" ;;
+    tune-schedules)
+      device_info; run_step tune-schedules tune_sm90_schedules.txt "$PY" benchmarks/tune_sm90.py --schedules --out-dir "$OUT" ;;
+    *) echo "unknown step '$step'; steps: $STEPS" >&2; exit 2 ;;
   esac
 done
-[ $# -gt 0 ] || { echo "usage: tools/gpu_check.sh STEP [STEP ...]; steps: build tests memcheck racecheck bench-gemm bench-decode bench-prune tune" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: tools/gpu_check.sh STEP [STEP ...]; steps: $STEPS" >&2; exit 2; }
 exit $status

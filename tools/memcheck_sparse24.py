@@ -22,16 +22,24 @@ import torch
 import torch.nn.functional as F
 
 import wanda_kernels as wk
-from wanda_kernels.gemm24 import SM90_CONFIGS, launch_sm80, launch_sm90, runs_on, sm80_tokens, sm90_built
+from wanda_kernels.gemm24 import SM90_CONFIGS, Sm90Schedule, launch_sm80, launch_sm90, runs_on, sm80_tokens, sm90_built
 
 SHAPES = [(104, 192), (100, 200), (1024, 4096), (4096, 4096)]
 TOKENS = [1, 13, 200]
+# Besides each configuration's default schedule: split-K (its own workspace reduction)
+# and swizzled rasters, whose tile walks differ from the default's.
+SM90_RUNS = [(cfg, None) for cfg in SM90_CONFIGS] + [
+    ("streamk", Sm90Schedule(splits=4)), ("large", Sm90Schedule(2, "along_m")), ("wide", Sm90Schedule(8, "along_n"))]
+
+
+def _run_name(cfg: str, schedule) -> str:
+    return cfg if schedule is None else f"{cfg}/{schedule.swizzle}/{schedule.raster}/{schedule.splits}"
 
 
 def expected_kernels(cc) -> set[str]:
     names = set()
     if cc == (9, 0) and sm90_built():
-        names |= {f"sm90 {cfg} {dt}" for cfg in SM90_CONFIGS for dt in ("float16", "bfloat16")}
+        names |= {f"sm90 {_run_name(*run)} {dt}" for run in SM90_RUNS for dt in ("float16", "bfloat16")}
     if cc[0] in (8, 9) and runs_on(*cc):
         names |= {f"sm80 {dt}" for dt in ("float16", "bfloat16")}
     return names
@@ -72,11 +80,11 @@ def main(argv=None) -> int:
                     meta90 = sl.meta_as("sm90")
                     m8 = -(-out_f // 8) * 8  # sm90 output rows: a multiple of 8
                     bias8 = F.pad(bias, (0, m8 - out_f))
-                    for cfg in SM90_CONFIGS:
+                    for cfg, schedule in SM90_RUNS:
                         for b in (None, bias8):
                             y = torch.full((n, m8), float("nan"), device="cuda", dtype=dtype)
-                            launch_sm90(values, meta90, xk, y, b, cfg)
-                            runs.append((f"sm90 {cfg} {dt}", b is not None, y[:, :out_f]))
+                            launch_sm90(values, meta90, xk, y, b, cfg, schedule)
+                            runs.append((f"sm90 {_run_name(cfg, schedule)} {dt}", b is not None, y[:, :out_f]))
                 if f"sm80 {dt}" in expected:
                     n8 = sm80_tokens(n)
                     xb = F.pad(xk, (0, 0, 0, n8 - n))
@@ -93,7 +101,7 @@ def main(argv=None) -> int:
                     bound = 2 * float((F.linear(xr, wr, b).float() - ref).abs().max()) + 1e-6
                     ok = err <= bound  # False for NaN: an unwritten output fails
                     failures += not ok
-                    print(f"{'ok  ' if ok else 'FAIL'} {name:24s} bias={with_bias!s:5} {out_f}x{in_f} n={n}: "
+                    print(f"{'ok  ' if ok else 'FAIL'} {name:36s} bias={with_bias!s:5} {out_f}x{in_f} n={n}: "
                           f"err {err:.3g} (bound {bound:.3g})", flush=True)
     torch.cuda.synchronize()
     missing = expected - launched

@@ -6,8 +6,8 @@ No padding and no validation beyond the extension's own pointer and size checks
 
 The host work per launch is kept small, because a decode-sized GEMM runs for only a few
 microseconds: what depends only on the device (the extension, its enums, the SM count)
-is looked up once per device and cached (:class:`_Device`); per call there is one
-configuration lookup (cached per shape), one current-stream query, and one call into
+is looked up once per device and cached (:class:`_Device`); per call there are
+the configuration and schedule lookups (each cached per shape), one current-stream query, and one call into
 ``_C``. Nothing here synchronises with the GPU, so a launch can be captured in a CUDA
 graph.
 """
@@ -19,16 +19,17 @@ import functools
 import torch
 
 from .loader import extension
-from .policy import sm80_config_for, sm90_config_for
+from .policy import SM90_RASTERS, Sm90Schedule, sm80_config_for, sm90_config_for, sm90_schedule_for
 
 __all__ = ["launch_sm80", "launch_sm90", "sm_count"]
 
 
 @functools.cache
-def _enums(ext) -> tuple[dict, dict, dict]:
-    """torch dtype -> _C.DType, and configuration name -> _C.Sm80Config / _C.Sm90Config."""
+def _enums(ext) -> tuple[dict, dict, dict, dict]:
+    """torch dtype -> _C.DType, configuration name -> _C.Sm80Config / _C.Sm90Config, raster -> _C.Sm90Raster."""
     dtypes = {torch.float16: ext.DType.float16, torch.bfloat16: ext.DType.bfloat16}
-    return dtypes, dict(ext.Sm80Config.__members__), dict(ext.Sm90Config.__members__)
+    rasters = {name: getattr(ext.Sm90Raster, name) for name in SM90_RASTERS}
+    return dtypes, dict(ext.Sm80Config.__members__), dict(ext.Sm90Config.__members__), rasters
 
 
 @functools.cache
@@ -60,7 +61,7 @@ class _Device:
     def __init__(self, index: int):
         self.index = index
         self.ext = extension()
-        self.dtypes, self.sm80_configs, self.sm90_configs = _enums(self.ext)
+        self.dtypes, self.sm80_configs, self.sm90_configs, self.sm90_rasters = _enums(self.ext)
         self.sms = sm_count(index)
         self.stream = functools.partial(_raw_stream_query(), index)
 
@@ -105,12 +106,13 @@ def launch_sm80(values: torch.Tensor, meta: torch.Tensor, xb: torch.Tensor, d: t
 
 
 @functools.lru_cache(maxsize=1024)
-def _sm90_workspace_bytes(dtype, config, m: int, n: int, k: int, sms: int) -> int:
-    return extension().sm90_workspace_size(dtype, config, m, n, k, sms)
+def _sm90_workspace_bytes(dtype, config, m: int, n: int, k: int, sms: int, swizzle: int, raster, splits: int) -> int:
+    return extension().sm90_workspace_size(dtype, config, m, n, k, sms, swizzle, raster, splits)
 
 
 def launch_sm90(values: torch.Tensor, meta: torch.Tensor, xb: torch.Tensor, y: torch.Tensor,
-                bias: torch.Tensor | None = None, config: str | None = None) -> None:
+                bias: torch.Tensor | None = None, config: str | None = None,
+                schedule: Sm90Schedule | None = None) -> None:
     """sm90a kernel: ``y = xb @ W.T (+ bias)``, on the current stream of ``xb``'s device.
 
     Args:
@@ -122,18 +124,22 @@ def launch_sm90(values: torch.Tensor, meta: torch.Tensor, xb: torch.Tensor, y: t
             ``M <= M_pad``: the first M rows of the weight are used.
         bias: ``(M,)`` of ``xb``'s dtype, 16-byte aligned, or None.
         config: one of ``SM90_CONFIGS``; None picks by :func:`~.policy.sm90_config_for`.
+        schedule: the persistent scheduler's tile order (:class:`~.policy.Sm90Schedule`);
+            None picks by :func:`~.policy.sm90_schedule_for`.
     """
     dev = _device_of(xb)
     m, n, k = y.shape[1], xb.shape[0], 2 * values.shape[1]
     config = config or sm90_config_for(n, m, dev.sms)
-    dtype, cfg = dev.dtypes[xb.dtype], dev.sm90_configs[config]
-    ws_bytes = _sm90_workspace_bytes(dtype, cfg, m, n, k, dev.sms)
-    # A new workspace per call (stream-K only), from the caching allocator: a cached one
-    # would be shared by launches on different streams.
+    schedule = schedule or sm90_schedule_for(config, n, m, k, dev.sms)
+    dtype, cfg, raster = dev.dtypes[xb.dtype], dev.sm90_configs[config], dev.sm90_rasters[schedule.raster]
+    ws_bytes = _sm90_workspace_bytes(dtype, cfg, m, n, k, dev.sms, schedule.swizzle, raster, schedule.splits)
+    # A new workspace per call (stream-K and split-K only), from the caching allocator: a
+    # cached one would be shared by launches on different streams.
     workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=xb.device) if ws_bytes else None
     status = dev.call(dev.ext.sm90_gemm, dtype, cfg, m, n, k, values.data_ptr(), meta.data_ptr(), xb.data_ptr(),
                       xb.stride(0), y.data_ptr(), y.stride(0), 0 if bias is None else bias.data_ptr(),
-                      0 if workspace is None else workspace.data_ptr(), dev.sms, dev.stream())
+                      0 if workspace is None else workspace.data_ptr(), dev.sms, dev.stream(), schedule.swizzle,
+                      raster, schedule.splits)
     if status != 0:
         raise RuntimeError(f"CUTLASS sm90a 2:4 sparse GEMM failed ({dev.ext.status_string(status)}): weight {m}x{k}, "
-                           f"input {n}x{k}, {xb.dtype}, config {config}")
+                           f"input {n}x{k}, {xb.dtype}, config {config}, {schedule}")

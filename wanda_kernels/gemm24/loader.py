@@ -16,12 +16,22 @@ BUILD_HINT = (
 )
 
 
+# The version of _C's Python interface this package calls (csrc/bindings.cpp's
+# interface_version; builds before it had none: 1). A _C left over from older sources
+# would be called with the wrong arguments.
+INTERFACE_VERSION = 2
+
+
 @functools.cache
 def _load():
     try:
         from .. import _C  # noqa: PLC0415
     except ImportError as exc:
         return None, f"the extension wanda_kernels._C is not built ({exc}); {BUILD_HINT}"
+    found = getattr(_C, "interface_version", 1)
+    if found != INTERFACE_VERSION:
+        return None, (f"the extension wanda_kernels._C at {_C.__file__} was built from other sources (interface "
+                      f"version {found}, this package needs {INTERFACE_VERSION}); rebuild it: {BUILD_HINT}")
     return _C, None
 
 

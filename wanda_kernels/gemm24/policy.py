@@ -11,6 +11,7 @@ Pure functions of the device, dtype and problem shape; nothing here launches any
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -24,6 +25,9 @@ __all__ = [
     "kernel_unavailable",
     "sm80_config_for",
     "sm90_config_for",
+    "sm90_schedule_for",
+    "Sm90Schedule",
+    "SM90_RASTERS",
     "SM80_CONFIGS",
     "SM90_CONFIGS",
     "SM90_TILES",
@@ -57,6 +61,27 @@ SM90_DISPATCH: tuple[tuple[str, float], ...] = (
 )
 _SM90_SMALL_N_TOKENS = 128
 
+# _C's Sm90Raster enum, in order: the order in which the persistent configurations
+# (large, wide, streamk) hand output tiles to CTAs (CUTLASS's RasterOrderOptions).
+SM90_RASTERS = ("heuristic", "along_m", "along_n")
+
+
+class Sm90Schedule(NamedTuple):
+    """How a persistent sm90a configuration walks its output tiles (csrc/sparse24_sm90.h).
+
+    ``swizzle`` (1, 2, 4, 8): neighbouring tiles handed out together along the raster,
+    so that CTAs running at once share x and W tiles in L2. ``raster``: one of
+    ``SM90_RASTERS``. ``splits`` > 1 (``streamk`` only): a split-K of that many K slices
+    instead of the stream-K decomposition. The defaults are CUTLASS's.
+    """
+
+    swizzle: int = 1
+    raster: str = "heuristic"
+    splits: int = 1
+
+
+_DEFAULT_SCHEDULE = Sm90Schedule()
+
 
 def sm80_config_for(tokens: int) -> str:
     """The sm80 configuration for ``tokens`` (padded) rows of input."""
@@ -74,6 +99,12 @@ def sm90_config_for(tokens: int, out_features: int, sm_count: int) -> str:
         if tokens > _SM90_SMALL_N_TOKENS and tiles(config) >= least * sm_count:
             return config
     return "decode" if tiles("decode") <= sm_count else "streamk"
+
+
+@functools.lru_cache(maxsize=4096)  # called per launch; a pure function of its arguments
+def sm90_schedule_for(config: str, tokens: int, out_features: int, in_features: int, sm_count: int) -> Sm90Schedule:
+    """The tile order ``config`` runs with for a ``tokens x in_features -> out_features`` problem."""
+    return _DEFAULT_SCHEDULE
 
 
 def select_kernel(device: torch.device, dtype: torch.dtype) -> tuple[str | None, str | None]:
