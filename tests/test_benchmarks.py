@@ -89,3 +89,29 @@ def test_gpu_tools_refuse_without_cuda(script):
     proc = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args", [(), ("--schedules",)])
+def test_tune_sm90_refuses_without_a_hopper_gpu(args, tmp_path):
+    if os.path.exists("/dev/nvidiactl"):
+        pytest.skip("a GPU machine")
+    proc = _run("tune_sm90.py", *args, tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert "needs a compute capability 9.0 GPU" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_gemm_table_renders_the_committed_h100_result():
+    # The README's GEMM tables are this script's output on a committed result: each cell
+    # is that result's SparseLinear / cuBLAS ratio, the bracket PyTorch's, and the
+    # configuration the dispatch rule names for the shape.
+    path = next((BENCH / "results/h100/round4").glob("gemm_2to4_*.json"))
+    proc = subprocess.run([sys.executable, str(BENCH / "gemm_table.py"), str(path)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    rows = json.loads(path.read_text())["results"]
+    cell = next(r for r in rows if (r["model"], r["layer"], r["tokens"], r["dtype"]) == ("70B", "down", 1, "float16"))
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("| 70B down (8192×28672)"))
+    assert line.split(" | ")[1] == f"**{cell['speedup_ours']:.2f}×** ({cell['speedup_torch']:.2f}×) decode"
+    assert proc.stdout.count("| layer (out × in) |") == 2  # one table per dtype
+    readme = (BENCH.parent / "README.md").read_text()
+    assert line in readme, "README's GEMM table differs from the committed result"
