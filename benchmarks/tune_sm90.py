@@ -75,13 +75,51 @@ SPLITS = [1, 2, 4, 8, 16]
 
 
 def _weight(out_f, in_f, device, dtype):
+    """A 2:4-pruned random weight, its sm90 compressed form, and the generator that made it (seed 0)."""
     import wanda_kernels as wk
 
     g = torch.Generator(device=device).manual_seed(0)
     w = torch.randn(out_f, in_f, generator=g, device=device, dtype=dtype)
     wk.prune_(w, torch.rand(in_f, generator=g, device=device) + 0.1, pattern="2:4")
     values, meta = wk.compress_24(w, meta_format="sm90")
-    return w, values, meta
+    return w, values, meta, g
+
+
+class _Case:
+    """One (weight, tokens) point: the input, its fp32 reference and error bound, and a timer.
+
+    Decode sizes (<= GRAPH_MAX_TOKENS) are timed as CUDA-graph replays rotating through
+    copies of the weight larger than L2 (``vals``, ``ws``), larger ones with do_bench.
+    ``dense_ms`` is cuBLAS on the same weight.
+    """
+
+    def __init__(self, w, values, tokens, device, dtype, generator=None):
+        self.device = device
+        self.x = torch.randn(tokens, w.shape[1], generator=generator, device=device, dtype=dtype)
+        self.ref = F.linear(self.x.float(), w.float())
+        self.bound = 2 * float((F.linear(self.x, w).float() - self.ref).abs().max()) + 1e-3
+        self.graph = tokens <= GRAPH_MAX_TOKENS
+        n = rotation_copies(values.numel() * values.element_size() * 5 // 4, device) if self.graph else 1
+        self.vals = [values] + [values.clone() for _ in range(n - 1)]
+        ws = [w] + [w.clone() for _ in range(n - 1)]
+        self.timing = "cuda-graph replay, weights rotated past L2" if self.graph else "do_bench median"
+        self.dense_ms = self.timed([lambda w=w_: F.linear(self.x, w) for w_ in ws])
+
+    def timed(self, fns) -> float:
+        return graph_ms(fns, self.device) if self.graph else bench_ms(fns[0], self.device)
+
+    def check_and_time(self, y, launch) -> tuple[float | None, str | None]:
+        """``(ms, None)`` for ``launch(values)`` writing ``y``, checked against the reference
+        first, or ``(None, why)`` when its output is wrong or it fails."""
+        try:
+            y.fill_(float("nan"))
+            launch(self.vals[0])
+            err = float((y.float() - self.ref).abs().max())
+            if not err <= self.bound:
+                return None, f"max error {err:.3g} > {self.bound:.3g}"
+            return self.timed([lambda v=v: launch(v) for v in self.vals]), None
+        except (RuntimeError, ValueError) as exc:
+            return None, str(exc)[:200]
 
 
 def schedule_sweep(device, dtype, dtype_name, save) -> list[dict]:
@@ -95,41 +133,25 @@ def schedule_sweep(device, dtype, dtype_name, save) -> list[dict]:
     rows = []
     for model, layers in LLAMA_SHAPES.items():
         for layer, (out_f, in_f) in layers.items():
-            w, values, meta = _weight(out_f, in_f, device, dtype)
+            w, values, meta, _ = _weight(out_f, in_f, device, dtype)
             cases = [(t, c, big) for t in SCHEDULE_TOKENS for c in ("large", "wide")]
             cases += [(t, "streamk", [Sm90Schedule(splits=n) for n in SPLITS]) for t in SPLITK_TOKENS]
             for tokens, config, schedules in cases:
-                x = torch.randn(tokens, in_f, device=device, dtype=dtype)
-                ref = F.linear(x.float(), w.float())
-                bound = 2 * float((F.linear(x, w).float() - ref).abs().max()) + 1e-3
-                graph = tokens <= GRAPH_MAX_TOKENS
-                n = rotation_copies(values.numel() * values.element_size() * 5 // 4, device) if graph else 1
-                vals = [values] + [values.clone() for _ in range(n - 1)]
-                ws = [w] + [w.clone() for _ in range(n - 1)]
-
-                def timed(fns):
-                    return graph_ms(fns, device) if graph else bench_ms(fns[0], device)
-
-                y = torch.empty(tokens, out_f, device=device, dtype=dtype)
+                case = _Case(w, values, tokens, device, dtype)
+                x, y = case.x, torch.empty(tokens, out_f, device=device, dtype=dtype)
                 row = dict(shape=f"{model} {layer}", out_features=out_f, in_features=in_f, tokens=tokens,
-                           dtype=dtype_name, config=config, dense_ms=timed([lambda w=w_: F.linear(x, w) for w_ in ws]),
-                           timing="cuda-graph replay, weights rotated past L2" if graph else "do_bench median")
-                if config != "decode" and tokens <= GRAPH_MAX_TOKENS:
-                    row["decode_ms"] = timed([lambda v=v: launch_sm90(v, meta, x, y, None, "decode") for v in vals])
+                           dtype=dtype_name, config=config, dense_ms=case.dense_ms, timing=case.timing)
+                if config != "decode" and case.graph:
+                    row["decode_ms"] = case.timed([lambda v=v: launch_sm90(v, meta, x, y, None, "decode")
+                                                   for v in case.vals])
                 times = {}
                 for sched in schedules:
                     key = f"swizzle={sched.swizzle},raster={sched.raster},splits={sched.splits}"
-                    try:
-                        y.fill_(float("nan"))
-                        launch_sm90(values, meta, x, y, None, config, sched)
-                        err = float((y.float() - ref).abs().max())
-                        if not err <= bound:
-                            row[f"error {key}"] = f"max error {err:.3g} > {bound:.3g}"
-                            continue
-                        times[key] = timed([lambda v=v, s=sched: launch_sm90(v, meta, x, y, None, config, s)
-                                            for v in vals])
-                    except (RuntimeError, ValueError) as exc:
-                        row[f"error {key}"] = str(exc)[:200]
+                    ms, error = case.check_and_time(y, lambda v, s=sched: launch_sm90(v, meta, x, y, None, config, s))
+                    if error:
+                        row[f"error {key}"] = error
+                    else:
+                        times[key] = ms
                 row["schedule_ms"] = times
                 if times:
                     default = times.get("swizzle=1,raster=heuristic,splits=1")
@@ -140,7 +162,7 @@ def schedule_sweep(device, dtype, dtype_name, save) -> list[dict]:
                              row["shape"], tokens, config, row["dense_ms"] * 1e3, (default or float("nan")) * 1e3,
                              times[best] * 1e3, best, row["best_vs_dense"])
                 rows.append(row)
-                del vals, ws
+                del case
             save(rows)
     return rows
 
@@ -157,7 +179,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         print("tune_sm90.py needs a compute capability 9.0 GPU (H100/H200)", file=sys.stderr)
         return 2
-    import wanda_kernels as wk
     from wanda_kernels.gemm24 import SM90_CONFIGS, launch_sm90, sm90_built
 
     if not sm90_built():
@@ -175,38 +196,18 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for name, (out_f, in_f) in SHAPES.items():
-        g = torch.Generator(device=device).manual_seed(0)
-        w = torch.randn(out_f, in_f, generator=g, device=device, dtype=dtype)
-        wk.prune_(w, torch.rand(in_f, generator=g, device=device) + 0.1, pattern="2:4")
-        values, meta90 = wk.compress_24(w, meta_format="sm90")
+        w, values, meta90, g = _weight(out_f, in_f, device, dtype)
         for tokens in args.tokens:
-            x = torch.randn(tokens, in_f, generator=g, device=device, dtype=dtype)
-            ref = F.linear(x.float(), w.float())
-            bound = 2 * float((F.linear(x, w).float() - ref).abs().max()) + 1e-3
-            graph = tokens <= GRAPH_MAX_TOKENS
-            n = rotation_copies(values.numel() * values.element_size() * 5 // 4, device) if graph else 1
-            vals = [values] + [values.clone() for _ in range(n - 1)]
-            ws = [w] + [w.clone() for _ in range(n - 1)]
-
-            def timed(fns):
-                return graph_ms(fns, device) if graph else bench_ms(fns[0], device)
-
+            case = _Case(w, values, tokens, device, dtype, generator=g)
+            x, y = case.x, torch.empty(tokens, out_f, device=device, dtype=dtype)
             row = dict(shape=name, out_features=out_f, in_features=in_f, tokens=tokens, dtype=args.dtype,
-                       timing="cuda-graph replay, weights rotated past L2" if graph else "do_bench median",
-                       dense_ms=timed([lambda w=w_: F.linear(x, w) for w_ in ws]))
-            y = torch.empty(tokens, out_f, device=device, dtype=dtype)
+                       timing=case.timing, dense_ms=case.dense_ms)
             for cfg in SM90_CONFIGS:
-                try:
-                    y.fill_(float("nan"))
-                    launch_sm90(values, meta90, x, y, None, cfg)
-                    err = float((y.float() - ref).abs().max())
-                    if not err <= bound:
-                        row[f"{cfg}_error"] = f"max error {err:.3g} > {bound:.3g}"
-                        continue
-                    row[f"{cfg}_ms"] = timed([lambda v=v, cfg=cfg: launch_sm90(v, meta90, x, y, None, cfg)
-                                              for v in vals])
-                except RuntimeError as exc:
-                    row[f"{cfg}_error"] = str(exc)[:200]
+                ms, error = case.check_and_time(y, lambda v, cfg=cfg: launch_sm90(v, meta90, x, y, None, cfg))
+                if error:
+                    row[f"{cfg}_error"] = error
+                else:
+                    row[f"{cfg}_ms"] = ms
             timed_cfgs = [c for c in SM90_CONFIGS if f"{c}_ms" in row]
             row["best"] = min(timed_cfgs, key=lambda c: row[f"{c}_ms"]) if timed_cfgs else None
             if row["best"]:
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
             log.info("%-11s %5d tok  dense %8.1f us  %s  -> %s (%.2fx)", name, tokens, row["dense_ms"] * 1e3,
                      "  ".join(f"{c} {row[f'{c}_ms'] * 1e3:8.1f}" if f"{c}_ms" in row else f"{c} ERR"
                                for c in SM90_CONFIGS), row["best"], row.get("best_speedup", 0))
-            del vals, ws
+            del case
     env = environment(device)
     env["host_us_per_call"] = host_overhead(device, dtype)
     log.info("host time per call (us, 4096x4096, 1 token, synchronised every 200 calls): %s", env["host_us_per_call"])
