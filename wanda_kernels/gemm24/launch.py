@@ -7,7 +7,7 @@ No padding and no validation beyond the extension's own pointer and size checks
 The host work per launch is kept small, because a decode-sized GEMM runs for only a few
 microseconds: what depends only on the device (the extension, its enums, the SM count)
 is looked up once per device and cached (:class:`_Device`); per call there are the
-configuration and schedule lookups (each cached per shape), one current-stream query,
+configuration lookup (cached per shape), the schedule lookup, one current-stream query,
 and one call into ``_C``. Nothing here synchronises with the GPU, so a launch can be
 captured in a CUDA graph.
 """

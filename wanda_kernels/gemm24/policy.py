@@ -101,9 +101,13 @@ def sm90_config_for(tokens: int, out_features: int, sm_count: int) -> str:
     return "decode" if tiles("decode") <= sm_count else "streamk"
 
 
-@functools.lru_cache(maxsize=4096)  # called per launch; a pure function of its arguments
 def sm90_schedule_for(config: str, tokens: int, out_features: int, in_features: int, sm_count: int) -> Sm90Schedule:
-    """The tile order ``config`` runs with for a ``tokens x in_features -> out_features`` problem."""
+    """The tile order ``config`` runs with for a ``tokens x in_features -> out_features`` problem.
+
+    Called per launch. CUTLASS's default everywhere until ``tune_sm90.py --schedules`` has
+    run on a GPU; a rule that computes anything should be cached per shape, like
+    :func:`sm90_config_for`.
+    """
     return _DEFAULT_SCHEDULE
 
 
