@@ -7,6 +7,12 @@ WANDA_KERNELS_SKIP_CUDA_BUILD=1. Without _C the package works; SparseLinear then
 dense on the decompressed weight and says so. When a compiler is found and the build
 fails, the install fails, with a message saying what to do: it never quietly installs
 a package without the extension the user asked for.
+
+A built _C is kept under $WANDA_KERNELS_CACHE/build (default ~/.cache/wanda_kernels/build),
+keyed by a hash of everything it depends on (cuda_env.build_cache_key): installing again
+from the same sources with the same compilers (the README's test command after its main
+command) copies it instead of compiling for minutes. WANDA_KERNELS_BUILD_CACHE=0 builds
+afresh.
 """
 
 from __future__ import annotations
@@ -22,7 +28,17 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "_build_backend"))
-from cuda_env import build_jobs, cuda_archs, find_nvcc, run_build, skip_reason  # noqa: E402
+from cuda_env import (  # noqa: E402
+    BUILD_CACHE_ENV,
+    build_cache_key,
+    build_jobs,
+    cached_extension,
+    cuda_archs,
+    find_nvcc,
+    run_build,
+    skip_reason,
+    store_extension,
+)
 
 
 class CMakeExtension(Extension):
@@ -45,17 +61,31 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import pybind11
 
-        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        out_dir = target.parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
-        build_dir.mkdir(parents=True, exist_ok=True)
         archs = cuda_archs()
+        nvcc = find_nvcc()
+        includes = cutlass_include_dirs()
+        # Built once per sources + compilers + architectures + Python: a second install
+        # (the README's test command after its main command, a reinstall after a Python-only
+        # change) copies the earlier build instead of compiling for minutes again.
+        key = build_cache_key(archs, nvcc, includes, pybind11.__version__)
+        cached = cached_extension(key, target.name)
+        if cached is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(cached, target)
+            print(f"wanda_kernels: reusing _C built earlier from the same sources and compilers ({cached}; "
+                  f"{BUILD_CACHE_ENV}=0 builds afresh)", flush=True)
+            return
+        build_dir.mkdir(parents=True, exist_ok=True)
         # --fresh: pip builds in a new temporary environment each time, so a cached
         # configuration would point at tools that no longer exist.
         args = [
             "cmake", "--fresh", "-S", str(ROOT), "-B", str(build_dir),
-            f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
+            f"-DCMAKE_CUDA_COMPILER={nvcc}",
             f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(archs)}",
-            f"-DCUTLASS_INCLUDE_DIRS={';'.join(cutlass_include_dirs())}",
+            f"-DCUTLASS_INCLUDE_DIRS={';'.join(includes)}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DWK_OUTPUT_DIR={out_dir}",
@@ -70,6 +100,8 @@ class CMakeBuild(build_ext):
               f"({why}); each Hopper unit takes ~2 minutes of one core, and `pip install -v` shows the compiler's "
               "progress", flush=True)
         run_build([args, ["cmake", "--build", str(build_dir), "--parallel", str(jobs)]])
+        if target.is_file():
+            store_extension(key, target)
 
 
 reason = skip_reason()

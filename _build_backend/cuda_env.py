@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
 import subprocess
+import sys
+import sysconfig
+import uuid
 from pathlib import Path
 
 
@@ -23,6 +27,8 @@ env_flag = _load_env_module().env_flag
 SKIP_ENV = "WANDA_KERNELS_SKIP_CUDA_BUILD"
 ARCHS_ENV = "WANDA_KERNELS_CUDA_ARCHS"
 JOBS_ENV = "WANDA_KERNELS_BUILD_JOBS"
+BUILD_CACHE_ENV = "WANDA_KERNELS_BUILD_CACHE"
+ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ARCHS = "80;90"
 # Peak compiler memory of one Hopper (sm90a) unit, measured at ~5.3 GB with nvcc 13.0,
 # plus a margin: the parallel build must never run the machine out of memory.
@@ -109,3 +115,79 @@ def run_build(commands: list[list[str]]) -> None:
                 "  To install without the extension (SparseLinear then runs dense F.linear): "
                 f"{SKIP_ENV}=1 pip install ."
             ) from exc
+
+
+# -- the build cache: _C is built once per (sources, compilers, architectures, Python) --------------
+
+
+def _tool_version(tool: str | None) -> str:
+    if not tool:
+        return "none"
+    try:
+        return subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build_cache_key(archs: list[str], nvcc: str, include_dirs: list[str], pybind11_version: str) -> str:
+    """sha256 of everything the built ``_C`` depends on.
+
+    The sources (``csrc/``, ``CMakeLists.txt``, ``setup.py``, this file), the nvcc and
+    host compiler versions, the architectures, the Python ABI, pybind11's version and
+    CUTLASS's ``version.h`` (not the include paths: pip's isolated build environment
+    lives in a new temporary folder each time).
+    """
+    digest = hashlib.sha256()
+
+    def add(label: str, data: bytes | str) -> None:
+        data = data.encode() if isinstance(data, str) else data
+        digest.update(f"{label}:{len(data)}:".encode())
+        digest.update(data)
+
+    sources = sorted(p for p in (ROOT / "csrc").rglob("*") if p.is_file())
+    for path in [*sources, ROOT / "CMakeLists.txt", ROOT / "setup.py"]:
+        add(path.relative_to(ROOT).as_posix(), path.read_bytes())
+    add("cuda_env.py", Path(__file__).read_bytes())
+    add("nvcc", _tool_version(nvcc))
+    add("cxx", _tool_version(os.environ.get("CXX") or shutil.which("c++")))
+    add("archs", ";".join(archs))
+    add("python", f"{sys.version} {sysconfig.get_config_var('EXT_SUFFIX')}")
+    add("pybind11", pybind11_version)
+    for include in include_dirs:
+        version = Path(include) / "cutlass" / "version.h"
+        add("cutlass", version.read_bytes() if version.is_file() else b"none")
+    return digest.hexdigest()
+
+
+def build_cache_dir() -> Path | None:
+    """Where built extensions are kept: ``$WANDA_KERNELS_CACHE/build`` (default
+    ``~/.cache/wanda_kernels/build``); None when ``WANDA_KERNELS_BUILD_CACHE=0``."""
+    if os.environ.get(BUILD_CACHE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    root = Path(os.environ.get("WANDA_KERNELS_CACHE") or Path.home() / ".cache" / "wanda_kernels")
+    return root / "build"
+
+
+def cached_extension(key: str, filename: str) -> Path | None:
+    """The ``_C`` built earlier with the same key, or None."""
+    folder = build_cache_dir()
+    if folder is None:
+        return None
+    path = folder / key[:32] / filename
+    return path if path.is_file() else None
+
+
+def store_extension(key: str, built: Path) -> Path | None:
+    """Keep a copy of a freshly built ``_C`` under its key (atomically); None when the cache is off or unwritable."""
+    folder = build_cache_dir()
+    if folder is None:
+        return None
+    target = folder / key[:32] / built.name
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{built.name}.{uuid.uuid4().hex[:8]}")
+        shutil.copy2(built, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        return None
+    return target

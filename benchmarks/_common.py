@@ -177,12 +177,29 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def write_results(name: str, env: dict, rows: list[dict], out_dir: Path | None = None) -> Path:
-    """Write ``{"environment": env, "results": rows}`` to ``<out_dir>/<name>_<device>.json``."""
+def write_results(name: str, env: dict, rows: list[dict], out_dir: Path | None = None, *,
+                  path: Path | None = None) -> Path:
+    """Write ``{"environment": env, "results": rows}`` to a new ``<out_dir>/<name>_<device>_<date>.json``.
+
+    The name carries the device and the UTC date of the run, with ``-2``, ``-3``... when
+    taken: a run never overwrites an earlier one, so the committed results that the README
+    cites stay as they are. Files written beside it (``.md``, ``.csv``, ``.png``) take its
+    name with their suffix. ``path``: this run's file from an earlier call, rewritten (a
+    run that saves after every case).
+    """
+    if path is not None:
+        path.write_text(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
+        return path
     out_dir = Path(out_dir) if out_dir else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", env.get("device_name", env["device_type"]).lower()).strip("-")
-    path = out_dir / f"{name}_{slug}.json"
+    date = env.get("timestamp_utc", "")[:10] or _dt.date.today().isoformat()
+    stem = f"{name}_{slug}_{date}"
+    path = out_dir / f"{stem}.json"
+    n = 1
+    while any(path.with_suffix(s).exists() for s in (".json", ".md", ".csv", ".png")):
+        n += 1
+        path = out_dir / f"{stem}-{n}.json"
     path.write_text(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
     return path
 

@@ -290,6 +290,7 @@ def main(argv=None) -> int:
               *(args.dtypes if set(args.dtypes) != set(DTYPES) else [])]
     result_name = "_".join(["gemm_2to4", *subset])
     rows, failed = [], []
+    json_path = None  # this run's file, once the first case is written
     for model, layers in shapes.items():
         for layer, shape in layers.items():
             for dtype_name in args.dtypes:
@@ -306,7 +307,8 @@ def main(argv=None) -> int:
                              r.get("sm90_best"), f"{r['torch_ms']:.4f} ms ({r['torch_best']})" if r.get("torch_ms")
                              else "-")
                     # Written after every case: a run stopped by a time limit keeps what it measured.
-                    write_results(result_name, {**env, "failed": failed}, rows, args.out_dir)
+                    json_path = write_results(result_name, {**env, "failed": failed}, rows, args.out_dir,
+                                              path=json_path)
     env["failed"] = failed
     if not rows:
         log.error("no case ran")
@@ -327,7 +329,7 @@ def main(argv=None) -> int:
     fastest = sorted({r.get("torch_best") for r in rows} - {None})
     print(f"\nPyTorch 2:4 backends fastest in some case: {fastest}; refused: {refused or 'none'}")
     print(f"SparseLinear kernel: {'; '.join(sorted({r['ours_kernel'] for r in rows}))}")
-    json_path = write_results(result_name, env, rows, args.out_dir)
+    json_path = write_results(result_name, env, rows, args.out_dir, path=json_path)
     csv_path = json_path.with_suffix(".csv")
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))

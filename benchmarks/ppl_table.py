@@ -3,7 +3,8 @@
 Dense, magnitude (per layer), Wanda and SparseGPT at unstructured 50%, 4:8 and 2:4 on the
 built-in SmolLM2-135M-Instruct, calibrated on the Austen novels other than Emma and
 evaluated on Emma (non-overlapping windows), with the pruning time of each run.
-Writes ``benchmarks/results/ppl_table_<device>.json`` and ``.md``.
+Writes a new ``benchmarks/results/ppl_table_<device>_<date>.json`` and ``.md`` (earlier runs, such as the
+committed results the README cites, are never overwritten).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ times in one run:
 GB/s counts the bytes the op must move: read W and the norms, write W.
 Without CUDA it times the CPU torch path against the same reference at smaller
 shapes (a slice of each layer's rows), and says so.
-Results go to ``benchmarks/results/prune_speed_<device>.json``.
+Results go to a new ``benchmarks/results/prune_speed_<device>_<date>.json`` (earlier runs are never overwritten).
 """
 
 from __future__ import annotations

@@ -188,9 +188,11 @@ def main(argv=None) -> int:
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     if args.schedules:
         env = environment(device)
+        written: list = [None]  # this run's file, once the first shape is written
 
         def save(rows):
-            return write_results(f"tune_sm90_schedules_{args.dtype}", env, rows, args.out_dir)
+            written[0] = write_results(f"tune_sm90_schedules_{args.dtype}", env, rows, args.out_dir, path=written[0])
+            return written[0]
 
         print(f"wrote {save(schedule_sweep(device, dtype, args.dtype, save))}")
         return 0

@@ -115,3 +115,22 @@ def test_gemm_table_renders_the_committed_h100_result():
     assert proc.stdout.count("| layer (out × in) |") == 2  # one table per dtype
     readme = (BENCH.parent / "README.md").read_text()
     assert line in readme, "README's GEMM table differs from the committed result"
+
+
+def test_results_never_overwrite_an_earlier_run(tmp_path):
+    # Committed results (the README cites them by name) and earlier runs stay as they are:
+    # each run gets a new file named by device and date.
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _common import write_results
+    finally:
+        sys.path.remove(str(BENCH))
+    env = {"device_type": "cpu", "device_name": "AMD EPYC", "timestamp_utc": "2026-11-23T10:00:00Z"}
+    committed = tmp_path / "ppl_table_amd-epyc.json"
+    committed.write_text("committed")
+    first = write_results("ppl_table", env, [{"a": 1}], tmp_path)
+    first.with_suffix(".md").write_text("table")
+    second = write_results("ppl_table", env, [{"a": 2}], tmp_path)
+    assert first.name == "ppl_table_amd-epyc_2026-11-23.json" and second.name == "ppl_table_amd-epyc_2026-11-23-2.json"
+    assert committed.read_text() == "committed" and json.loads(first.read_text())["results"] == [{"a": 1}]
+    assert json.loads(second.read_text())["results"] == [{"a": 2}]

@@ -97,3 +97,48 @@ def test_setup_py_fails_loudly_when_the_extension_cannot_build(tmp_path):
     assert "building the CUDA extension _C failed" in result.stderr
     assert "WANDA_KERNELS_SKIP_CUDA_BUILD=1 pip install ." in result.stderr
     assert not list((tmp_path / "lib").rglob("_C*"))
+
+
+def _fake_checkout(tmp_path: Path) -> Path:
+    (tmp_path / "csrc").mkdir(parents=True)
+    (tmp_path / "csrc" / "kernel.cu").write_text("// v1")
+    (tmp_path / "CMakeLists.txt").write_text("project(x)")
+    (tmp_path / "setup.py").write_text("")
+    return tmp_path
+
+
+def test_build_cache_key_follows_everything_the_build_depends_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(cuda_env, "ROOT", _fake_checkout(tmp_path / "src"))
+    cutlass = tmp_path / "cutlass-include"
+    (cutlass / "cutlass").mkdir(parents=True)
+    (cutlass / "cutlass" / "version.h").write_text("#define CUTLASS_MAJOR 4")
+    key = lambda archs=("80", "90"), pybind="2.13.6": cuda_env.build_cache_key(  # noqa: E731
+        list(archs), sys.executable, [str(cutlass)], pybind)
+    first = key()
+    assert key() == first  # deterministic
+    # The same CUTLASS at another path (pip's build environment is new each time): same key.
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(cutlass, moved)
+    assert cuda_env.build_cache_key(["80", "90"], sys.executable, [str(moved)], "2.13.6") == first
+    assert key(archs=("80",)) != first and key(pybind="2.12.0") != first
+    (cutlass / "cutlass" / "version.h").write_text("#define CUTLASS_MAJOR 5")
+    assert key() != first
+    (cutlass / "cutlass" / "version.h").write_text("#define CUTLASS_MAJOR 4")
+    (tmp_path / "src" / "csrc" / "kernel.cu").write_text("// v2")
+    assert key() != first
+    (tmp_path / "src" / "csrc" / "kernel.cu").write_text("// v1")
+    assert key() == first
+
+
+def test_build_cache_stores_and_finds_a_built_extension(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDA_KERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(cuda_env.BUILD_CACHE_ENV, raising=False)
+    built = tmp_path / "_C.cpython-312-x86_64-linux-gnu.so"
+    built.write_bytes(b"\x7fELF built")
+    assert cuda_env.cached_extension("ab" * 32, built.name) is None
+    stored = cuda_env.store_extension("ab" * 32, built)
+    assert stored.read_bytes() == built.read_bytes() and stored.is_relative_to(tmp_path / "cache" / "build")
+    assert cuda_env.cached_extension("ab" * 32, built.name) == stored
+    assert cuda_env.cached_extension("cd" * 32, built.name) is None  # another key: built afresh
+    monkeypatch.setenv(cuda_env.BUILD_CACHE_ENV, "0")
+    assert cuda_env.cached_extension("ab" * 32, built.name) is None and cuda_env.store_extension("ab" * 32, built) is None

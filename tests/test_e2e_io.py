@@ -1,9 +1,7 @@
 """Data loading, checkpoints and the CLI."""
 
 import json
-import os
-import subprocess
-import sys
+import warnings
 
 import pytest
 import torch
@@ -12,8 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from test_pipeline import _assets_or_skip, calib_ids, tiny_model  # noqa: E402
 
-from wanda_kernels.llm import checkpoint, data, models, pipeline  # noqa: E402
-from wanda_kernels.llm.cli import main as cli_main  # noqa: E402
+from wanda_kernels.llm import checkpoint, data, models, pipeline, safe_io  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Data
@@ -58,9 +55,11 @@ def test_data_refusals(tmp_path):
         data.load_corpus(tmp_path / "missing.txt", split="calib")
 
 
-def test_missing_model_dir():
-    with pytest.raises(FileNotFoundError, match=r"model directory /nonexistent not found"):
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model directory /nonexistent does not exist"):
         models.resolve_model_path("/nonexistent")
+    with pytest.raises(FileNotFoundError, match=r"exists but has no config\.json"):
+        models.resolve_model_path(tmp_path)
 
 
 # ---------------------------------------------------------------------------
@@ -87,21 +86,25 @@ def test_save_reload_identical_logits(tmp_path):
 
 
 def test_compressed_24_checkpoint_loads_into_sparse_linear(tmp_path):
-    from wanda_kernels import SparseLinear
+    from wanda_kernels import SparseLinear, _warn
 
     model, report = _prune_tiny("2:4")
     checkpoint.save_pruned(model, None, tmp_path / "dense")
     checkpoint.save_compressed(model, None, tmp_path / "c", report=report)
-    loaded, _ = checkpoint.load_compressed(tmp_path / "c")
+    _warn.forget()
+    # On CPU: the documented fallback, announced once, at load time (before any progress
+    # bar of the caller), for the whole model, and attributed to the caller's line.
+    with pytest.warns(RuntimeWarning, match=r"the model's 21 SparseLinear layers run dense F\.linear .* the input "
+                                            r"is on cpu") as record:
+        loaded, _ = checkpoint.load_compressed(tmp_path / "c")
+    assert len(record) == 1 and record[0].filename == __file__
     sparse = [n for n, m in loaded.named_modules() if isinstance(m, SparseLinear)]
     assert len(sparse) == 3 * 7
     dense16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float16).eval()
     ids = calib_ids(n=2, seed=6)
-    from wanda_kernels.gemm24 import op as gemm_op
-
-    gemm_op._warn_once.cache_clear()
-    with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"dense F\.linear .* the input is on cpu"):
-        a = loaded(ids).logits.float()  # on CPU: the documented fallback, announced once
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once already: the forward passes stay silent
+        a = loaded(ids).logits.float()
     with torch.no_grad():
         b = dense16(ids).logits.float()
     # Same fp16 weights; the decompressed weight is exact, so only fp16 rounding of the
@@ -116,8 +119,10 @@ def test_compressed_checkpoint_errors(tmp_path):
     out = checkpoint.save_compressed(model, None, tmp_path / "c")
     blob = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ValueError, match=r"model\.safetensors is corrupt or unreadable"):
+    with pytest.raises(ValueError, match=r"model\.safetensors is damaged"):
         checkpoint.load_compressed(out)
+    with pytest.raises(ValueError, match=r"model\.safetensors is corrupt or unreadable"):
+        checkpoint.load_compressed(out, verify=False)
     out = checkpoint.save_compressed(model, None, tmp_path / "d")
     manifest = json.loads((out / checkpoint.MANIFEST).read_text())
     manifest["sparse_layers"]["model.layers.0.mlp.up_proj"] = [64, 256, False]
@@ -135,62 +140,114 @@ def test_compressed_checkpoint_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# CLI
-
-def _cli(*args):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "wanda_kernels", *args], capture_output=True, text=True,
-                          env=env, timeout=900)
+# Writing folders: checked up front, staged, checksummed
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["prune", "--sparsity", "1.2", "--output", "x"], r"sparsity must be in \[0, 1\); got 1\.2"),
-        (["prune", "--pattern", "3:2", "--output", "x"], r"1 <= N < M"),
-        (["prune", "--model", "/nonexistent", "--output", "x"], r"model directory /nonexistent not found"),
-        (["eval", "--model", "/nonexistent"], r"model directory /nonexistent not found"),
-        (["prune", "--nsamples", "0", "--output", "x"], r"--nsamples must be positive"),
-        (["prune", "--compressed", "--output", "x"], r"--compressed needs --pattern 2:4"),
-    ],
-)
-def test_cli_bad_arguments_one_line(args, message, capsys):
-    assert cli_main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("wanda-kernels ")
-    assert __import__("re").search(message, err), err
+def test_check_output_dir(tmp_path):
+    assert safe_io.check_output_dir(tmp_path / "new") == tmp_path / "new"  # absent: fine
+    (tmp_path / "empty").mkdir()
+    safe_io.check_output_dir(tmp_path / "empty")  # empty: fine
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "a.txt").write_text("x")
+    with pytest.raises(FileExistsError, match=r"full is a folder that is not empty \(1 entries: a\.txt\); pass "
+                                              r"overwrite=True to replace it"):
+        safe_io.check_output_dir(tmp_path / "full")
+    safe_io.check_output_dir(tmp_path / "full", overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match=r"file is an existing file, not a folder"):
+        safe_io.check_output_dir(tmp_path / "file", overwrite=True)
+    with pytest.raises(NotADirectoryError, match=r"file is a file, so no folder can be created under it"):
+        safe_io.check_output_dir(tmp_path / "file" / "deeper" / "out")
 
 
-def test_cli_help_explains_options():
-    proc = _cli("prune", "--help")
-    assert proc.returncode == 0
-    for option in ("--model", "--sparsity", "--pattern", "--method", "--nsamples", "--seqlen", "--output"):
-        assert option in proc.stdout
+def test_staged_dir_replaces_only_on_success(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), safe_io.staged_dir(out, overwrite=True) as stage:
+        (stage / "new.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "old.txt").read_text() == "old"
+    with safe_io.staged_dir(out, overwrite=True) as stage:
+        assert stage.parent == tmp_path and not (out / "new.txt").exists()  # invisible until complete
+        (stage / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]  # replaced as a whole, never mixed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_cli_prune_eval_demo_smoke(tmp_path):
-    _assets_or_skip()
-    out = tmp_path / "pruned"
-    proc = _cli("prune", "--pattern", "2:4", "--nsamples", "2", "--seqlen", "32", "--output", str(out),
-                "--compressed", "--eval", "--eval-tokens", "64")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "mean sparsity 0.5000" in proc.stdout and "perplexity:" in proc.stdout
-    for target in (out, out / "compressed"):
-        proc = _cli("eval", "--model", str(target), "--seqlen", "32", "--eval-tokens", "64")
-        assert proc.returncode == 0 and "perplexity" in proc.stdout, proc.stderr[-3000:]
-    proc = _cli("demo", "--nsamples", "2", "--seqlen", "32", "--eval-tokens", "64", "--output-dir", str(tmp_path / "d"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "d" / "demo.json").read_text())
-    assert [r["run"] for r in result["results"]] == ["dense", "magnitude 50%", "wanda 50%", "magnitude 2:4",
-                                                     "wanda 2:4"]
-    assert (tmp_path / "d" / "demo.png").stat().st_size > 0
+def test_save_pruned_refuses_a_non_empty_folder_and_keeps_it(tmp_path):
+    model, report = _prune_tiny("unstructured")
+    (tmp_path / "config.json").write_text('{"user": "mine"}')
+    with pytest.raises(FileExistsError, match="not empty"):
+        checkpoint.save_pruned(model, None, tmp_path, report=report)
+    assert (tmp_path / "config.json").read_text() == '{"user": "mine"}' and len(list(tmp_path.iterdir())) == 1
+    checkpoint.save_pruned(model, None, tmp_path, report=report, overwrite=True)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
+    checkpoint.verify_checkpoint(tmp_path)
 
 
-def test_console_script_is_installed():
-    script = os.path.join(os.path.dirname(sys.executable), "wanda-kernels")
-    if not os.path.exists(script):
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("pip install did not create the wanda-kernels console script")
-        pytest.skip("package not installed in this environment")
-    proc = subprocess.run([script, "demo", "--help"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "--nsamples" in proc.stdout and "Austen" in proc.stdout
+def test_verify_checkpoint(tmp_path):
+    model, report = _prune_tiny("2:4")
+    out = checkpoint.save_compressed(model, None, tmp_path / "c", report=report, progress=False)
+    checkpoint.verify_checkpoint(out)
+    blob = bytearray((out / "model.safetensors").read_bytes())
+    blob[-1] ^= 1
+    (out / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=r"c/model\.safetensors is damaged"):
+        checkpoint.verify_checkpoint(out)
+    with pytest.raises(ValueError, match=r"c/model\.safetensors is damaged"):
+        checkpoint.load_compressed(out)
+    # A manifest written before checksums (version 1) still loads, with a warning saying so.
+    manifest = json.loads((out / checkpoint.MANIFEST).read_text())
+    del manifest["files"]
+    manifest["version"] = 1
+    (out / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.warns(RuntimeWarning, match="records no checksums"):
+        checkpoint.verify_checkpoint(out)
+    manifest["version"] = 7
+    (out / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="version 7 is not supported"):
+        checkpoint.verify_checkpoint(out)
+    with pytest.raises(ValueError, match="has no wanda_kernels.json"):
+        checkpoint.verify_checkpoint(tmp_path)
+
+
+def test_save_compressed_compresses_each_layer_once(tmp_path, monkeypatch):
+    from wanda_kernels import sparse_linear
+
+    calls = []
+    real = sparse_linear.compress_24
+    monkeypatch.setattr(sparse_linear, "compress_24", lambda w, **k: calls.append(w.shape) or real(w, **k))
+    model, _ = _prune_tiny("2:4")
+    checkpoint.save_compressed(model, None, tmp_path / "c", progress=False)
+    assert len(calls) == 3 * 7  # one per linear layer
+
+
+# ---------------------------------------------------------------------------
+# The demo's chart
+
+
+def test_demo_chart_groups_by_pattern_with_dense_as_a_line(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from wanda_kernels.llm import demo
+
+    rows = [dict(run=label, method=method, pattern=pattern or "-", perplexity=ppl, prune_seconds=None)
+            for (method, pattern, label), ppl in zip(demo.DEMO_RUNS, [36.5, 388.1, 66.2, 1174.2, 163.9])]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at it
+    path = demo.bar_chart(rows, tmp_path / "demo.png", "SmolLM2-135M-Instruct (135M) on Emma")
+    assert path.stat().st_size > 0
+    (fig,) = figures
+    (ax,) = fig.axes
+    assert ax.get_title() == "SmolLM2-135M-Instruct (135M) on Emma: perplexity after pruning"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["50% unstructured", "2:4 (50%)"]
+    assert len(ax.patches) == 4 and sorted(p.get_height() for p in ax.patches) == [66.2, 163.9, 388.1, 1174.2]
+    (dense,) = ax.get_lines()
+    assert list(dense.get_ydata()) == [36.5, 36.5] and "dense" in dense.get_label()
+    fig.canvas.draw()
+    frame = ax.get_window_extent()
+    for text in [t for t in ax.texts] + [ax.title]:  # the value labels and the title stay inside the figure
+        box = text.get_window_extent()
+        assert box.y1 <= fig.bbox.y1 and (text is ax.title or box.y1 <= frame.y1), text.get_text()

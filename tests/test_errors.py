@@ -86,6 +86,23 @@ def test_bad_weight(weight, exc, message):
         assert torch.equal(weight, before)
 
 
+@pytest.mark.parametrize("metric", ["wanda", "magnitude"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("fn", ["prune_", "prune_mask", "prune_compress_24"])
+def test_non_finite_weight_is_refused_and_left_unchanged(fn, bad, metric):
+    # A NaN weight would keep or lose its place arbitrarily and poison every output it
+    # feeds: refused at the public boundary, naming the first bad element.
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)).half()
+    w[2, 5] = bad
+    w[3, 1] = bad
+    before = w.clone()
+    norms = torch.rand(64) if metric == "wanda" else None
+    kwargs = {} if fn == "prune_compress_24" else {"pattern": "2:4"}
+    with pytest.raises(ValueError, match=rf"weight has non-finite values: weight\[2, 5\] = {bad!r}"):
+        getattr(wk, fn)(w, norms, metric=metric, **kwargs)
+    assert _same_bits(w, before)
+
+
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -296,6 +296,49 @@ def test_missing_extension_message_says_how_to_build(monkeypatch):
     assert _ext.built_archs() == [] and not _ext.runs_on(8, 0)
 
 
+class _Dist:
+    """A stand-in for an importlib.metadata distribution of wanda-kernels."""
+
+    def __init__(self, direct_url=None, files=()):
+        self._direct_url, self.files = direct_url, list(files)
+
+    def read_text(self, name):
+        return self._direct_url if name == "direct_url.json" else None
+
+
+class _File(type(Path())):
+    def locate(self):
+        return self
+
+
+def test_importing_the_source_tree_is_named(tmp_path, monkeypatch):
+    # Python started in a checkout imports its source tree, which has no _C, while the
+    # installed copy has one: say so, not "not built".
+    checkout = tmp_path / "checkout"
+    (checkout / "wanda_kernels").mkdir(parents=True)
+    (checkout / "csrc").mkdir()
+    (checkout / "setup.py").write_text("")
+    site = tmp_path / "site-packages" / "wanda_kernels"
+    site.mkdir(parents=True)
+    installed = _File(site / "_C.cpython-312-x86_64-linux-gnu.so")
+    monkeypatch.setattr(_ext, "_distributions", lambda: [_Dist(files=[installed])])
+    message = _ext._source_tree_message(checkout / "wanda_kernels")
+    assert message == (f"the extension wanda_kernels._C is not built in the source tree at {checkout}, which is what "
+                       "Python is importing (Python was started in the checkout, or it is on PYTHONPATH); the "
+                       f"installed copy has it ({installed}): run from another directory, or `pip install -e .` "
+                       "there to build _C in place")
+    # Not installed anywhere: the same advice, without the installed copy.
+    monkeypatch.setattr(_ext, "_distributions", lambda: [])
+    assert "is what Python is importing" in _ext._source_tree_message(checkout / "wanda_kernels")
+    assert "installed copy" not in _ext._source_tree_message(checkout / "wanda_kernels")
+    # An editable install of that checkout (built without nvcc): the usual "not built" message.
+    url = f'{{"url": "file://{checkout}", "dir_info": {{"editable": true}}}}'
+    monkeypatch.setattr(_ext, "_distributions", lambda: [_Dist(direct_url=url)])
+    assert _ext._source_tree_message(checkout / "wanda_kernels") is None
+    # An installed copy (no setup.py beside the package): the usual message too.
+    assert _ext._source_tree_message(site) is None
+
+
 def test_the_launchers_map_every_dtype_and_configuration_to_the_enums(ext):
     # What launch_sm80 / launch_sm90 hand to _C, checked without a GPU: every dtype and
     # configuration name the policy can return has its enum, and the sm90 workspace

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import wanda_kernels as wk
+from wanda_kernels import _warn
 from wanda_kernels.gemm24 import launch, op, policy
 from wanda_kernels.sparse_linear import SparseLinear
 
@@ -207,7 +208,7 @@ def test_moving_the_module_chooses_again(gpu_like):
     sl.to(torch.bfloat16)
     assert sl._kernel_fn is None and sl.meta_format == "sm80"
     x = torch.randn(2, 256).bfloat16()
-    op._warn_once.cache_clear()
+    _warn.forget()
     with pytest.warns(RuntimeWarning, match="dense F.linear.*this test's device has no kernel"):
         y = sl(x)
     assert not ext.launches
@@ -253,6 +254,6 @@ def test_an_unpickled_module_chooses_its_kernel_again(gpu_like, monkeypatch):
     assert torch.equal(loaded.meta, sl.meta_as("sm80"))
     x = torch.randn(2, 256).half()
     with pytest.warns(RuntimeWarning, match="dense F.linear"):
-        op._warn_once.cache_clear()
+        _warn.forget()
         y = loaded(x)
     assert torch.equal(y, F.linear(x, loaded.to_dense(), loaded.bias))

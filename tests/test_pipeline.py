@@ -178,6 +178,22 @@ def test_every_linear_is_checked_before_the_first_weight_changes():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "sparsegpt"])
+def test_non_finite_weights_are_refused_before_any_weight_changes(method):
+    model = tiny_model("llama")
+    _, layers = pipeline.find_decoder_layers(model)
+    with torch.no_grad():
+        layers[1].mlp.up_proj.weight[3, 4] = float("nan")
+        layers[2].self_attn.o_proj.weight[0, 0] = float("-inf")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"2 weights of the model hold NaN or Inf values \(model\.layers\.1\.mlp\."
+                                         r"up_proj\.weight, model\.layers\.2\.self_attn\.o_proj\.weight\).* Nothing "
+                                         r"was pruned"):
+        pipeline.prune_model(model, calib_ids(), 0.5, method=method, progress=False)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=True)
+
+
 def test_non_finite_calibration_norms_are_reported_once_at_the_end():
     model = _Chain()
     with torch.no_grad():

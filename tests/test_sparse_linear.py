@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import wanda_kernels as wk
+from wanda_kernels import _warn
 from wanda_kernels.gemm24 import op as gemm_op
 
 
@@ -68,7 +69,7 @@ def test_no_bias_state_dict():
 
 
 def test_warns_once_and_names_why():
-    gemm_op._warn_once.cache_clear()
+    _warn.forget()
     sl = wk.SparseLinear.from_linear(pruned_linear(64, 32))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

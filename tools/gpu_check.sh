@@ -7,11 +7,11 @@
 #   tools/gpu_check.sh tests         tests/test_gpu.py                          -> pytest_gpu.txt, pytest_gpu.xml
 #   tools/gpu_check.sh memcheck      compute-sanitizer memcheck, every kernel   -> memcheck.txt
 #   tools/gpu_check.sh racecheck     compute-sanitizer racecheck, fewer shapes  -> racecheck.txt
-#   tools/gpu_check.sh bench-gemm    benchmarks/gemm_2to4.py                    -> gemm_2to4_<gpu>.{json,csv,png}
-#   tools/gpu_check.sh bench-decode  benchmarks/e2e_decode.py (CUDA graphs)     -> e2e_decode_<gpu>.json
-#   tools/gpu_check.sh bench-prune   benchmarks/prune_speed.py                  -> prune_speed_<gpu>.json
-#   tools/gpu_check.sh tune          benchmarks/tune_sm90.py, tune_mask.py      -> tune_sm90_fp16_<gpu>.json, tune_mask_<gpu>.json
-#   tools/gpu_check.sh tune-schedules  benchmarks/tune_sm90.py --schedules      -> tune_sm90_schedules_fp16_<gpu>.json
+#   tools/gpu_check.sh bench-gemm    benchmarks/gemm_2to4.py                    -> gemm_2to4_<gpu>_<date>.{json,csv,png}
+#   tools/gpu_check.sh bench-decode  benchmarks/e2e_decode.py (CUDA graphs)     -> e2e_decode_<gpu>_<date>.json
+#   tools/gpu_check.sh bench-prune   benchmarks/prune_speed.py                  -> prune_speed_<gpu>_<date>.json
+#   tools/gpu_check.sh tune          benchmarks/tune_sm90.py, tune_mask.py      -> tune_sm90_fp16_<gpu>_<date>.json, tune_mask_<gpu>_<date>.json
+#   tools/gpu_check.sh tune-schedules  benchmarks/tune_sm90.py --schedules      -> tune_sm90_schedules_fp16_<gpu>_<date>.json
 #   tools/gpu_check.sh smollm2       the built-in SmolLM2-135M on the GPU: the perplexity table, a Wanda prune
 #                                    with the paper's calibration on the GPU and on this machine's CPU, the
 #                                    demo, and a SmolLM2-shaped decode  -> smollm2/ (needs the model's and

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import warnings
 
 import torch
 
 from ._env import env_flag
+from ._warn import warn_once
 
 
 def triton_interpreting() -> bool:
@@ -23,16 +23,6 @@ def triton_interpreting() -> bool:
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-@functools.cache
-def _warn_no_triton_once() -> None:
-    warnings.warn(
-        "wanda_kernels: Triton is not installed, so CUDA tensors use the slower torch path. "
-        "Install it with `pip install 'triton>=3.6'`.",
-        RuntimeWarning,
-        stacklevel=4,
-    )
 
 
 def resolve_backend(backend, device: torch.device) -> str:
@@ -54,5 +44,6 @@ def resolve_backend(backend, device: torch.device) -> str:
     if device.type == "cuda":
         if triton_available():
             return "triton"
-        _warn_no_triton_once()
+        warn_once("no-triton", "wanda_kernels: Triton is not installed, so CUDA tensors use the slower torch path. "
+                  "Install it with `pip install 'triton>=3.6'`.")
     return "torch"

@@ -54,22 +54,35 @@ def meta_shape(m: int, k: int, meta_format: str = "sm80") -> tuple[int, int]:
     return m, k // 16
 
 
+def _stored_pair_of(bits: int) -> tuple[int, int]:
+    """The stored pair of a group whose non-zero positions are the set bits of ``bits`` (0..15)."""
+    nonzero = [p for p in range(4) if bits >> p & 1]
+    if len(nonzero) == 2:
+        return nonzero[0], nonzero[1]
+    if len(nonzero) == 1 and nonzero[0] < 2:
+        return nonzero[0], 2
+    return 2, 3  # one non-zero at 2 or 3, none, or more than two (rejected by the callers)
+
+
+_PAIR_TABLE = [_stored_pair_of(bits) for bits in range(16)]
+
+
 def stored_pair(nonzero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored positions ``(idx0, idx1)`` of every group from its non-zero flags ``(..., 4)`` bool.
+    """Stored positions ``(idx0, idx1)`` int64 of every group from its non-zero flags ``(..., 4)`` bool.
 
     The non-zero positions, filled up (when fewer than two) with position 2, then 3:
     ``[x,0,0,0] -> (0,2)``, ``[0,x,0,0] -> (1,2)``, ``[0,0,x,0] -> (2,3)``,
     ``[0,0,0,x] -> (2,3)``, ``[0,0,0,0] -> (2,3)``: CUTLASS's and PyTorch's choice.
     Groups with more than two non-zeros are the caller's to reject.
+
+    The 4 flags of a group form a 4-bit pattern, looked up in a 16-entry table: one
+    pass, where a min/max over the group costs several (and is slow on CPU).
     """
-    pos = torch.arange(4, device=nonzero.device)
-    count = nonzero.sum(-1)
-    first = torch.where(nonzero, pos, 4).amin(-1)
-    last = torch.where(nonzero, pos, -1).amax(-1)
-    single_low = (count == 1) & (first < 2)
-    idx0 = torch.where(count == 2, first, torch.where(single_low, first, 2))
-    idx1 = torch.where(count == 2, last, torch.where(single_low, 2, 3))
-    return idx0, idx1
+    weights = torch.tensor([1, 2, 4, 8], dtype=torch.uint8, device=nonzero.device)
+    bits = (nonzero.to(torch.uint8) * weights).sum(-1, dtype=torch.uint8).long()
+    table = torch.tensor(_PAIR_TABLE, dtype=torch.long, device=nonzero.device)  # (16, 2)
+    pair = table[bits]
+    return pair[..., 0], pair[..., 1]
 
 
 def pack_codes(idx0: torch.Tensor, idx1: torch.Tensor) -> torch.Tensor:

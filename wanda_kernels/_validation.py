@@ -2,8 +2,8 @@
 
 Every check raises ``TypeError`` (wrong kind of object) or ``ValueError`` (right kind,
 wrong value) with the argument's name and the value received, and none of them
-touches tensor data except :func:`check_norms`, which reads the norms to reject
-negative or non-finite entries.
+touches tensor data except :func:`check_score_inputs`, which reads the weight and the
+norms back (once) to reject non-finite weights and negative or non-finite norms.
 """
 
 from __future__ import annotations
@@ -106,29 +106,46 @@ def check_weight(weight, name: str = "weight") -> torch.Tensor:
     return weight
 
 
-def check_norms(norms, weight: torch.Tensor, metric: str) -> torch.Tensor | None:
-    """Validate ``norms`` against ``weight``; return them as fp32 on the weight's device (or None)."""
+def check_score_inputs(weight: torch.Tensor, norms, metric: str) -> torch.Tensor | None:
+    """Validate the data a score is computed from: ``norms`` against ``weight``, and both values.
+
+    The weight must be finite (a NaN or Inf has no place in a ranking, and a row that
+    keeps one turns every output it feeds into NaN); the norms finite and non-negative.
+    Both are read back in one host transfer. Returns the norms as fp32 contiguous on the
+    weight's device (None when ``norms`` is None and the metric allows it).
+    """
+    norms32 = None
     if norms is None:
         if metric == "wanda":
             raise ValueError("norms is None, but metric='wanda' needs ||X_j||_2 per input feature; "
                              "collect them with ActNormCollector or pass metric='magnitude'")
-        return None
-    if not isinstance(norms, torch.Tensor):
-        raise TypeError(f"norms must be a torch.Tensor of shape ({weight.shape[1]},); got {type(norms).__name__}")
-    if tuple(norms.shape) != (weight.shape[1],):
-        raise ValueError(
-            f"norms must have shape (in_features,) = ({weight.shape[1]},) for weight of shape "
-            f"{tuple(weight.shape)}; got {tuple(norms.shape)}"
-        )
-    if not norms.is_floating_point():
-        raise TypeError(f"norms must be a floating tensor; got {norms.dtype}")
-    if norms.device != weight.device:
-        raise ValueError(f"norms is on {norms.device} but the weight is on {weight.device}; move one of them")
-    norms32 = norms.detach().to(torch.float32)
-    bad = ~torch.isfinite(norms32) | (norms32 < 0)
-    if bool(bad.any()):
-        j = int(bad.nonzero()[0, 0])
+    else:
+        if not isinstance(norms, torch.Tensor):
+            raise TypeError(f"norms must be a torch.Tensor of shape ({weight.shape[1]},); got {type(norms).__name__}")
+        if tuple(norms.shape) != (weight.shape[1],):
+            raise ValueError(
+                f"norms must have shape (in_features,) = ({weight.shape[1]},) for weight of shape "
+                f"{tuple(weight.shape)}; got {tuple(norms.shape)}"
+            )
+        if not norms.is_floating_point():
+            raise TypeError(f"norms must be a floating tensor; got {norms.dtype}")
+        if norms.device != weight.device:
+            raise ValueError(f"norms is on {norms.device} but the weight is on {weight.device}; move one of them")
+        norms32 = norms.detach().to(torch.float32)
+    weight_ok = torch.isfinite(weight.detach()).all()
+    norms_bad = (~torch.isfinite(norms32) | (norms32 < 0)) if norms32 is not None else None
+    flags = torch.stack([weight_ok, norms_bad.any() if norms_bad is not None else weight_ok.new_tensor(False)])
+    weight_ok, any_norm_bad = flags.tolist()  # the one host read
+    if not weight_ok:
+        row, col = (int(v) for v in (~torch.isfinite(weight.detach())).nonzero()[0])
+        raise ValueError(f"weight has non-finite values: weight[{row}, {col}] = {float(weight[row, col])!r}; "
+                         "pruning ranks weights by score, and NaN or Inf has no rank. Fix the weights (an "
+                         "overflow in fp16? a diverged training run?) before pruning")
+    if any_norm_bad:
+        j = int(norms_bad.nonzero()[0, 0])
         raise ValueError(f"norms must be finite and non-negative; got norms[{j}] = {float(norms32[j])!r}")
+    if norms32 is None:
+        return None
     # +0.0 for -0.0, so that score bit patterns order like the scores themselves.
     return norms32.abs().contiguous()
 

@@ -16,7 +16,7 @@ from ._validation import (
     SCOPES,
     check_choice,
     check_divisible,
-    check_norms,
+    check_score_inputs,
     check_sparsity,
     check_weight,
     num_pruned,
@@ -124,7 +124,7 @@ def _run(layer, norms, sparsity, pattern, metric, backend, scope, *, write_weigh
     weight = _weight_of(layer)
     spec = prune_spec(sparsity, pattern, metric, scope, backend)
     check_prunable(weight, spec)
-    norms32 = check_norms(norms, weight, metric)
+    norms32 = check_score_inputs(weight, norms, metric)
     return apply_mask_(weight, norms32, spec, write_weight=write_weight, want_mask=want_mask)
 
 

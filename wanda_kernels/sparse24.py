@@ -31,7 +31,7 @@ from ._layout24 import (
     stored_pair,
     unpack_codes,
 )
-from ._validation import BACKENDS, METRICS, check_choice, check_norms, check_positive_int
+from ._validation import BACKENDS, METRICS, check_choice, check_positive_int, check_score_inputs
 
 __all__ = [
     "compress_24",
@@ -220,7 +220,7 @@ def prune_compress_24(
     check_choice("metric", metric, METRICS)
     check_choice("meta_format", meta_format, META_FORMATS)
     check_choice("backend", backend, BACKENDS)
-    norms32 = check_norms(norms, weight, metric)
+    norms32 = check_score_inputs(weight, norms, metric)
     if metric == "magnitude":
         norms32 = None
     chosen = resolve_backend(backend, weight.device)

@@ -22,9 +22,9 @@ from .gemm24 import policy
 from .gemm24.op import (
     kernel_linear,
     sparse24_linear,  # noqa: F401  (registers torch.ops.wanda_kernels.sparse24_linear)
+    warn_fallback,
 )
 from .sparse24 import (
-    check_24_sparse,
     compress_24,
     decompress_24,
     is_24_sparse,
@@ -33,7 +33,7 @@ from .sparse24 import (
     padded_shape,
 )
 
-__all__ = ["SparseLinear", "sparsify_"]
+__all__ = ["SparseLinear", "sparsify_", "announce_fallback"]
 
 _KERNEL_NAMES = {"sm90": "cutlass-sm90a (wgmma.sp)", "sm80": "cutlass-sm80 (mma.sp)"}
 
@@ -135,11 +135,14 @@ class SparseLinear(nn.Module):
             raise ValueError(f"bias must be a tensor of shape ({out_features},); got "
                              f"{getattr(bias, 'shape', type(bias).__name__)}")
         weight = weight.detach()
-        check_24_sparse(weight)
+        if in_features % 4:  # the padding would complete the last group: refuse here
+            raise ValueError(f"weight has in_features={in_features}, not a multiple of 4: it cannot be 2:4 sparse")
         module = cls(in_features, out_features, bias is not None, dtype=weight.dtype, device=weight.device)
         m, k = module.values.shape[0], 2 * module.values.shape[1]
         padded = weight.new_zeros(m, k)
         padded[:out_features, :in_features] = weight
+        # compress_24 checks the 2:4 pattern (the padding is zeros, so a bad group's row
+        # and columns are the weight's own).
         module.values, module.meta = compress_24(padded, meta_format=module.meta_format)
         if bias is not None:
             module.bias = bias.detach().to(weight.dtype).clone()
@@ -197,7 +200,7 @@ class SparseLinear(nn.Module):
                 f"kernel={self.kernel()}")
 
 
-def sparsify_(model: nn.Module, filter_fn=None) -> list[str]:
+def sparsify_(model: nn.Module, filter_fn=None, *, progress: bool = False) -> list[str]:
     """Replace, in place, every ``nn.Linear`` of ``model`` whose weight is 2:4 sparse by a ``SparseLinear``.
 
     Args:
@@ -205,6 +208,7 @@ def sparsify_(model: nn.Module, filter_fn=None) -> list[str]:
         filter_fn: optional ``(module, fqn) -> bool`` (torchao's order): only the
             ``nn.Linear`` modules for which it returns True are considered; ``fqn`` is the
             name in ``model.named_modules()``.
+        progress: a tqdm bar over the layers being compressed (when tqdm is installed).
 
     Returns:
         The names (as in ``model.named_modules()``) of the replaced layers.
@@ -228,8 +232,36 @@ def sparsify_(model: nn.Module, filter_fn=None) -> list[str]:
                             "bfloat16: convert the model first (model.half() or model.to(torch.bfloat16))")
         targets.append(name)
     # Convert all first, then swap: a failure leaves the model unchanged.
-    replacements = {name: SparseLinear.from_linear(model.get_submodule(name)) for name in targets}
+    replacements = {name: SparseLinear.from_linear(model.get_submodule(name))
+                    for name in _progress(targets, progress, "compressing 2:4 layers")}
     for name, new in replacements.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
     return targets
+
+
+def announce_fallback(model: nn.Module) -> None:
+    """Warn now, once per reason, if ``model``'s SparseLinear layers will run dense where they are.
+
+    For code that has just put a model on its device (e.g. ``load_compressed``): the
+    warning then comes before any progress bar of the run, names how many layers it
+    concerns, and is not repeated by the first forward.
+    """
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            reason = policy.kernel_unavailable(module.values.device, module.values.dtype, module.meta_format)
+            if reason is not None:
+                counts[reason] = counts.get(reason, 0) + 1
+    for reason, layers in counts.items():
+        warn_fallback(reason, layers)
+
+
+def _progress(items: list, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="layer", leave=False)

@@ -7,6 +7,8 @@ Importing it initialises nothing on the GPU (its CUDA runtime is static and lazy
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+from pathlib import Path
 
 __all__ = ["extension", "extension_error", "built_archs", "runs_on", "sm90_built"]
 
@@ -27,12 +29,60 @@ def _load():
     try:
         from .. import _C  # noqa: PLC0415
     except ImportError as exc:
-        return None, f"the extension wanda_kernels._C is not built ({exc}); {BUILD_HINT}"
+        return None, _source_tree_message() or f"the extension wanda_kernels._C is not built ({exc}); {BUILD_HINT}"
     found = getattr(_C, "interface_version", 1)
     if found != INTERFACE_VERSION:
         return None, (f"the extension wanda_kernels._C at {_C.__file__} was built from other sources (interface "
                       f"version {found}, this package needs {INTERFACE_VERSION}); rebuild it: {BUILD_HINT}")
     return _C, None
+
+
+def _distributions() -> list:
+    """Every installed ``wanda-kernels`` distribution on ``sys.path`` (a checkout's ``*.egg-info`` included)."""
+    return [d for d in importlib.metadata.distributions()
+            if (d.metadata["Name"] or "").lower().replace("_", "-") == "wanda-kernels"]
+
+
+def _installed_extension() -> Path | None:
+    """The ``_C`` file of the installed distribution ``wanda-kernels``, if pip installed one."""
+    for dist in _distributions():
+        for file in dist.files or []:
+            if file.parent.name == "wanda_kernels" and file.name.startswith("_C.") and file.suffix in (".so", ".pyd"):
+                return Path(file.locate()).resolve()
+    return None
+
+
+def _editable_install_of(root: Path) -> bool:
+    """Whether ``wanda-kernels`` is installed editable (``pip install -e``) from ``root``."""
+    import json
+
+    for dist in _distributions():
+        try:
+            info = json.loads(dist.read_text("direct_url.json") or "{}")
+        except ValueError:
+            continue
+        url = info.get("url", "")
+        if info.get("dir_info", {}).get("editable") and url.startswith("file://") and \
+                Path(url[len("file://"):]).resolve() == root:
+            return True
+    return False
+
+
+def _source_tree_message(package: Path | None = None) -> str | None:
+    """Why ``_C`` is missing when Python imported a checkout's source tree instead of the installed copy.
+
+    Running Python from the checkout's root puts the source tree first on ``sys.path``,
+    and it has no ``_C`` unless built in place.
+    """
+    package = package or Path(__file__).resolve().parents[1]
+    root = package.parent
+    if not ((root / "setup.py").is_file() and (root / "csrc").is_dir()) or _editable_install_of(root):
+        return None
+    installed = _installed_extension()
+    elsewhere = f"; the installed copy has it ({installed})" if installed and installed.parent != package else ""
+    return (f"the extension wanda_kernels._C is not built in the source tree at {root}, which is what Python is "
+            f"importing (Python was started in the checkout, or it is on PYTHONPATH){elsewhere}: run from another "
+            "directory, or `pip install -e .` there to build _C in place")
 
 
 def extension():

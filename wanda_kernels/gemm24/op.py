@@ -14,8 +14,6 @@ function directly, without the op's checks, kernel choice and dispatcher round t
 
 from __future__ import annotations
 
-import functools
-import warnings
 from typing import Optional
 
 import torch
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 
 from .._layout24 import COL_MULTIPLE, DTYPES_24, META_FORMATS, ROW_MULTIPLE, meta_shape, round_up
 from .._validation import check_choice, check_positive_int
+from .._warn import warn_once
 from ..sparse24 import decompress_24
 from .launch import launch_sm80, launch_sm90
 from .policy import kernel_unavailable, unavailable_reason
@@ -179,10 +178,15 @@ def check_operands(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bi
                              f"{t.stride()}")
 
 
-@functools.cache
-def _warn_once(reason: str) -> None:
-    warnings.warn(f"SparseLinear runs dense F.linear on the decompressed weight: {reason}", RuntimeWarning,
-                  stacklevel=3)
+def fallback_message(reason: str, layers: int | None = None) -> str:
+    """The one warning for SparseLinear layers that run dense, and why."""
+    who = "SparseLinear" if layers is None else f"the model's {layers} SparseLinear layers"
+    return f"{who} run{'s' if layers is None else ''} dense F.linear on the decompressed weight: {reason}"
+
+
+def warn_fallback(reason: str, layers: int | None = None) -> bool:
+    """Warn, once per reason and process, that SparseLinear runs dense; attributed to the caller's code."""
+    return warn_once(f"sparse24-fallback: {reason}", fallback_message(reason, layers))
 
 
 # Optional[...], not "X | None": torch evaluates these annotations to infer the op's
@@ -202,7 +206,7 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
         if meta_format == "sm90":
             return sm90_linear(x, values, meta, bias, out_features)
         return sm80_linear(x, values, meta, bias, out_features)
-    _warn_once(reason)
+    warn_fallback(reason)
     weight = decompress_24(values, meta, meta_format=meta_format)[:out_features, : x.shape[-1]]
     return F.linear(x, weight, bias)
 

@@ -1,4 +1,4 @@
-"""Pruned checkpoints: safetensors only, no pickle.
+"""Pruned checkpoints: safetensors only, no pickle, written whole or not at all, checksummed.
 
 * ``save_pruned(model, tokenizer, out)``: ``save_pretrained`` output that transformers
   reloads as it is (the zeros are in the weights), plus ``wanda_kernels.json`` with the
@@ -8,60 +8,94 @@
   ``bias``), the rest dense, in fp16/bf16; ``wanda_kernels.json`` lists the sparse
   layers. ``load_compressed(out)`` rebuilds the model from its config with
   ``SparseLinear`` modules and loads the tensors.
+
+Both write into a temporary sibling folder renamed into place at the end
+(:func:`~wanda_kernels.llm.safe_io.staged_dir`): a non-empty ``out`` is refused unless
+``overwrite=True``, and an interrupted save leaves ``out`` as it was. The manifest
+``wanda_kernels.json`` records the sha256 of every other file; :func:`verify_checkpoint`
+(called by ``load_compressed`` and by ``wanda-kernels eval``) names a damaged file.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..sparse_linear import SparseLinear, sparsify_
+from ..sparse_linear import SparseLinear, announce_fallback, sparsify_
+from .safe_io import sha256_files, staged_dir, verify_files
 
-__all__ = ["save_pruned", "save_compressed", "load_compressed", "is_compressed_checkpoint"]
+__all__ = ["save_pruned", "save_compressed", "load_compressed", "is_compressed_checkpoint", "has_manifest",
+           "verify_checkpoint", "stored_dtype"]
 
 MANIFEST = "wanda_kernels.json"
 FORMAT_DENSE = "wanda-kernels-pruned"
 FORMAT_24 = "wanda-kernels-2:4-compressed"
-VERSION = 1
+VERSION = 2  # 2: the manifest records the sha256 of every file ("files")
+READABLE_VERSIONS = (1, 2)
 
 
-def save_pruned(model, tokenizer, out_dir, *, report=None) -> Path:
-    """``save_pretrained`` (safetensors) of the pruned model and tokenizer, plus the report."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    manifest = {"format": FORMAT_DENSE, "version": VERSION, "report": report.to_dict() if report else None}
+def _write_manifest(out: Path, manifest: dict) -> None:
+    """The manifest, with the checksums of every file written so far; written last."""
+    manifest = {**manifest, "files": sha256_files(out, exclude=(MANIFEST,))}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return out
 
 
-def save_compressed(model, tokenizer, out_dir, *, dtype: torch.dtype = torch.float16, report=None) -> Path:
-    """The 2:4 compressed checkpoint of ``model`` (its 2:4 linear layers as SparseLinear)."""
+def save_pruned(model, tokenizer, out_dir, *, report=None, overwrite: bool = False) -> Path:
+    """``save_pretrained`` (safetensors) of the pruned model and tokenizer, plus the report.
+
+    Args:
+        model: the pruned Hugging Face model (any device and dtype).
+        tokenizer: its tokenizer, or None.
+        out_dir: the folder to create; an existing non-empty one needs ``overwrite=True``
+            and is then replaced as a whole.
+        report: the :class:`~wanda_kernels.llm.pipeline.PruneReport`, recorded in the manifest.
+
+    Returns:
+        ``out_dir`` as a Path, once everything is written.
+    """
+    with staged_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _write_manifest(tmp, {"format": FORMAT_DENSE, "version": VERSION,
+                              "report": report.to_dict() if report else None})
+    return Path(out_dir)
+
+
+def save_compressed(model, tokenizer, out_dir, *, dtype: torch.dtype = torch.float16, report=None,
+                    overwrite: bool = False, progress: bool = True) -> Path:
+    """The 2:4 compressed checkpoint of ``model`` (its 2:4 linear layers as SparseLinear).
+
+    Args:
+        model: a model whose 2:4-pruned ``nn.Linear`` layers are to be stored compressed;
+            it is not modified (a CPU copy in ``dtype`` is compressed).
+        dtype: ``torch.float16`` or ``torch.bfloat16``, the stored dtype.
+        out_dir, overwrite, report: as :func:`save_pruned`.
+        progress: a tqdm bar over the layers being compressed.
+    """
     from safetensors.torch import save_model
 
     if dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"the 2:4 format stores float16 or bfloat16; got dtype={dtype}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    packed = copy.deepcopy(model).to(device="cpu", dtype=dtype)
-    names = sparsify_(packed)
-    if not names:
-        raise ValueError("the model has no 2:4 sparse linear layer to compress; prune it with pattern='2:4' first")
-    save_model(packed, str(out / "model.safetensors"))  # de-duplicates tied weights
-    packed.config.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    layers = {n: [m.in_features, m.out_features, m.bias is not None]
-              for n, m in packed.named_modules() if isinstance(m, SparseLinear)}
-    manifest = {"format": FORMAT_24, "version": VERSION, "dtype": str(dtype).replace("torch.", ""),
-                "sparse_layers": layers, "report": report.to_dict() if report else None}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return out
+    with staged_dir(out_dir, overwrite=overwrite) as tmp:
+        packed = copy.deepcopy(model).to(device="cpu", dtype=dtype)
+        names = sparsify_(packed, progress=progress)
+        if not names:
+            raise ValueError("the model has no 2:4 sparse linear layer to compress; prune it with pattern='2:4' "
+                             "first")
+        save_model(packed, str(tmp / "model.safetensors"))  # de-duplicates tied weights
+        packed.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        layers = {n: [m.in_features, m.out_features, m.bias is not None]
+                  for n, m in packed.named_modules() if isinstance(m, SparseLinear)}
+        _write_manifest(tmp, {"format": FORMAT_24, "version": VERSION, "dtype": str(dtype).replace("torch.", ""),
+                              "sparse_layers": layers, "report": report.to_dict() if report else None})
+    return Path(out_dir)
 
 
 def _manifest(path: Path) -> dict | None:
@@ -69,9 +103,59 @@ def _manifest(path: Path) -> dict | None:
     if not file.is_file():
         return None
     try:
-        return json.loads(file.read_text())
+        manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{file} is corrupt: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{file} is corrupt: not a JSON object")
+    return manifest
+
+
+def _check_version(path: Path, manifest: dict) -> None:
+    version = manifest.get("version")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: checkpoint format version {version} is not supported (this wanda_kernels reads "
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))})")
+
+
+def _stored_dtype(path: Path, manifest: dict) -> torch.dtype:
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(manifest.get("dtype"))
+    if dtype is None:
+        raise ValueError(f"{path / MANIFEST}: unknown dtype {manifest.get('dtype')!r}")
+    return dtype
+
+
+def stored_dtype(path) -> torch.dtype:
+    """The dtype a 2:4 compressed checkpoint is stored (and loaded) in."""
+    path = Path(path)
+    manifest = _manifest(path)
+    if not manifest or manifest.get("format") != FORMAT_24:
+        raise ValueError(f"{path} is not a wanda_kernels 2:4 compressed checkpoint")
+    return _stored_dtype(path, manifest)
+
+
+def has_manifest(path) -> bool:
+    """Whether ``path`` is a folder written by :func:`save_pruned` or :func:`save_compressed`."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def verify_checkpoint(path) -> None:
+    """Check every file of a saved checkpoint against the sha256 in its manifest.
+
+    Raises:
+        ValueError: no or corrupt manifest, an unsupported version, or a file missing or
+            damaged (named). A version-1 manifest (no checksums) is accepted with a warning.
+    """
+    path = Path(path)
+    manifest = _manifest(path)
+    if manifest is None:
+        raise ValueError(f"{path} has no {MANIFEST}: not a checkpoint written by wanda_kernels")
+    _check_version(path, manifest)
+    if "files" not in manifest:
+        warnings.warn(f"{path / MANIFEST} records no checksums (written by an older wanda_kernels): the files "
+                      "cannot be verified", RuntimeWarning, stacklevel=2)
+        return
+    verify_files(path, manifest["files"], record=str(path / MANIFEST))
 
 
 def is_compressed_checkpoint(path) -> bool:
@@ -79,8 +163,19 @@ def is_compressed_checkpoint(path) -> bool:
     return bool(manifest) and manifest.get("format") == FORMAT_24
 
 
-def load_compressed(path, *, device="cpu"):
-    """``(model, tokenizer)`` from :func:`save_compressed`, with SparseLinear modules, in eval mode."""
+def load_compressed(path, *, device="cpu", verify: bool = True):
+    """``(model, tokenizer)`` from :func:`save_compressed`, with SparseLinear modules, in eval mode.
+
+    Args:
+        path: the checkpoint folder.
+        device: where the model goes. Where no 2:4 kernel runs there (a CPU, a GPU without
+            one), one warning, now, says the SparseLinear layers run dense.
+        verify: check every file against the manifest's sha256 first (:func:`verify_checkpoint`).
+
+    Raises:
+        ValueError: not such a checkpoint, an unsupported version, a damaged or missing
+            file (named), or tensors that do not match the config and manifest.
+    """
     import transformers
     from safetensors import SafetensorError
     from safetensors.torch import load_model
@@ -90,12 +185,10 @@ def load_compressed(path, *, device="cpu"):
     if not manifest or manifest.get("format") != FORMAT_24:
         raise ValueError(f"{path} is not a wanda_kernels 2:4 compressed checkpoint (no {MANIFEST} with format "
                          f"{FORMAT_24!r})")
-    if manifest.get("version") != VERSION:
-        raise ValueError(f"{path}: checkpoint format version {manifest.get('version')} is not supported "
-                         f"(this wanda_kernels reads version {VERSION})")
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(manifest.get("dtype"))
-    if dtype is None:
-        raise ValueError(f"{path / MANIFEST}: unknown dtype {manifest.get('dtype')!r}")
+    _check_version(path, manifest)
+    if verify:
+        verify_checkpoint(path)
+    dtype = _stored_dtype(path, manifest)
     config = transformers.AutoConfig.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, (in_f, out_f, bias) in manifest["sparse_layers"].items():
@@ -117,4 +210,6 @@ def load_compressed(path, *, device="cpu"):
                          f"manifest: {str(exc).splitlines()[0]}") from exc
     tokenizer = transformers.AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     model.config.use_cache = False
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    announce_fallback(model)
+    return model, tokenizer

@@ -4,7 +4,10 @@
     wanda-kernels prune --model smollm2-135m --sparsity 0.5 --output pruned/
     wanda-kernels eval --model pruned/
 
-Argument errors exit with status 2 and one line on stderr.
+Every option, path and device is checked before anything is loaded; a bad one exits
+with status 2 and one line on stderr, and creates or changes no file. A failure later
+on exits with status 1 and one line (``-v`` shows the traceback); ``prune`` writes its
+output folder whole or not at all.
 """
 
 from __future__ import annotations
@@ -13,45 +16,102 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger("wanda_kernels")
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 class UsageError(Exception):
-    pass
+    """A bad command line: exit status 2."""
+
+
+# -- checks, all before any work ----------------------------------------------------------------
 
 
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name}: not a device; give auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: {dev.type} is not supported; give auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda or 'no'})")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
+                             f"(cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})")
     return dev
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    dtype = DTYPES[name]  # argparse's choices have checked the name
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--dtype bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; "
+                         "give fp16 or fp32")
+    return dtype
 
 
-def _check_prune_args(args) -> None:
-    """The options prune_model would refuse, refused before the model is loaded (exit status 2)."""
+def _usage(exc: Exception, option: str | None = None) -> UsageError:
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UsageError(f"{option}: {message}" if option else message)
+
+
+def _check_common(args) -> tuple[torch.device, Path]:
+    """Device, dtype, the text file and the model folder; returns the device and the model's folder."""
+    from . import data, models
+
+    device = _device(args.device)
+    _dtype(args.dtype, device)
+    for name in ("nsamples", "seqlen", "eval_tokens"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive; got {value}")
+    if args.text is not None:
+        try:
+            data.read_text_file(args.text)
+        except (OSError, ValueError) as exc:
+            raise _usage(exc, "--text") from None
+    try:
+        model_dir = models.resolve_model_path(args.model)
+    except OSError as exc:
+        raise _usage(exc, "--model") from None
+    return device, model_dir
+
+
+def _check_prune_options(args) -> None:
+    """The options prune_model would refuse, refused before the model is loaded."""
     from ..prune import prune_spec
 
     try:
         prune_spec(args.sparsity, args.pattern)
     except (TypeError, ValueError) as exc:
-        raise UsageError(str(exc)) from exc
-    for name in ("nsamples", "seqlen"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name} must be positive; got {getattr(args, name)}")
-    if getattr(args, "compressed", False) and args.pattern != "2:4":
+        raise _usage(exc) from None
+    if args.compressed and args.pattern != "2:4":
         raise UsageError("--compressed needs --pattern 2:4")
+
+
+def _check_output(path, *, overwrite: bool, option: str, fresh: bool) -> None:
+    from .safe_io import check_output_dir, check_writable_dir
+
+    try:
+        if fresh:
+            check_output_dir(path, overwrite=overwrite, name=option, overwrite_hint="give --overwrite to replace it")
+        else:
+            check_writable_dir(path, name=option)
+    except OSError as exc:
+        raise _usage(exc) from None
 
 
 def _windows(args, tokenizer, split):
@@ -63,38 +123,61 @@ def _windows(args, tokenizer, split):
     return data.eval_windows(tokenizer, text, args.seqlen, max_tokens=args.eval_tokens)
 
 
+# -- the commands -------------------------------------------------------------------------------
+
+
 def cmd_prune(args) -> int:
     from . import checkpoint, evaluate, models, pipeline
+    from .safe_io import staged_dir
 
-    _check_prune_args(args)
-    device = _device(args.device)
-    model, tok = models.load_model(args.model, dtype=_dtype(args.dtype, device), device=device)
+    _check_prune_options(args)
+    device, model_dir = _check_common(args)
+    _check_output(args.output, overwrite=args.overwrite, option="--output", fresh=True)
+    dtype = _dtype(args.dtype, device)
+
+    tok = models.load_tokenizer(model_dir)
     calib = _windows(args, tok, "calib")
+    eval_windows = _windows(args, tok, "eval") if args.eval else None
+    model, tok = models.load_model(model_dir, dtype=dtype, device=device, tokenizer=tok)
     log.info("calibration: %d x %d tokens", *calib.shape)
     report = pipeline.prune_model(model, calib, args.sparsity, pattern=args.pattern, method=args.method,
                                   device=device)
-    out = checkpoint.save_pruned(model, tok, args.output, report=report)
     print(f"pruned {len(report.layers)} decoder layers ({args.method}, {args.pattern}) in "
-          f"{report.total_seconds:.1f} s, mean sparsity {report.overall_sparsity():.4f}; saved to {out}")
-    if args.compressed:
-        cdir = checkpoint.save_compressed(model, tok, Path(args.output) / "compressed", report=report,
-                                          dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float16)
-        print(f"2:4 compressed checkpoint: {cdir}")
-    if args.eval:
-        ppl = evaluate.perplexity(model, _windows(args, tok, "eval"))
-        print(f"perplexity: {ppl:.3f}")
+          f"{report.total_seconds:.1f} s, mean sparsity {report.overall_sparsity():.4f}")
+    # Everything goes into a sibling folder, renamed to --output once complete.
+    with staged_dir(args.output, overwrite=args.overwrite, name="--output") as stage:
+        print(f"writing the pruned model to {args.output}", flush=True)
+        checkpoint.save_pruned(model, tok, stage, report=report)
+        if args.compressed:
+            print(f"writing the 2:4 compressed checkpoint to {Path(args.output) / 'compressed'}", flush=True)
+            checkpoint.save_compressed(model, tok, stage / "compressed", report=report,
+                                       dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+    print(f"saved to {args.output}")
+    if eval_windows is not None:
+        print(f"perplexity: {evaluate.perplexity(model, eval_windows):.3f}")
     return 0
 
 
 def cmd_eval(args) -> int:
     from . import checkpoint, evaluate, models
 
-    device = _device(args.device)
-    if args.model is not None and checkpoint.is_compressed_checkpoint(args.model):
-        model, tok = checkpoint.load_compressed(args.model, device=device)
+    device, model_dir = _check_common(args)
+    compressed = checkpoint.is_compressed_checkpoint(model_dir)
+    if checkpoint.has_manifest(model_dir):
+        checkpoint.verify_checkpoint(model_dir)  # names a damaged file before anything is loaded
+    if compressed:
+        stored = checkpoint.stored_dtype(model_dir)
+        if args.dtype != "auto" and DTYPES[args.dtype] != stored:
+            raise UsageError(f"--dtype {args.dtype}: {model_dir} is a 2:4 compressed checkpoint stored in "
+                             f"{str(stored).replace('torch.', '')}; leave --dtype auto")
     else:
-        model, tok = models.load_model(args.model, dtype=_dtype(args.dtype, device), device=device)
+        dtype = _dtype(args.dtype, device)
+    tok = models.load_tokenizer(model_dir)
     windows = _windows(args, tok, "eval")
+    if compressed:
+        model, _ = checkpoint.load_compressed(model_dir, device=device, verify=False)  # verified above
+    else:
+        model, _ = models.load_model(model_dir, dtype=dtype, device=device, tokenizer=tok)
     t0 = time.perf_counter()
     ppl = evaluate.perplexity(model, windows)
     print(f"perplexity {ppl:.3f} over {windows.numel()} tokens ({windows.shape[0]} windows of {windows.shape[1]}) "
@@ -105,19 +188,20 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from . import demo, models
 
-    _check_prune_args(argparse.Namespace(pattern="unstructured", sparsity=0.5, nsamples=args.nsamples,
-                                         seqlen=args.seqlen))
-    device = _device(args.device)
+    device, model_dir = _check_common(args)
+    _check_output(args.output_dir, overwrite=True, option="--output-dir", fresh=False)
     dtype = _dtype(args.dtype, device)
-    model, tok = models.load_model(args.model, dtype=dtype, device=device)
+    tok = models.load_tokenizer(model_dir)
     calib = _windows(args, tok, "calib")
     windows = _windows(args, tok, "eval")
+    model, tok = models.load_model(model_dir, dtype=dtype, device=device, tokenizer=tok)
     n_params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"
     text = "Emma" if args.text is None else Path(args.text).name
-    print(f"demo: {type(model).__name__} ({n_params} parameters), "
-          f"{dtype}, {device}; calibration {calib.shape[0]} x {calib.shape[1]} tokens from the other Austen novels"
-          f"{'' if args.text is None else f' ({args.text})'}; evaluation {windows.numel()} tokens of "
-          f"{'Emma' if args.text is None else 'the text'} in windows of {windows.shape[1]}")
+    print(f"demo: {model_dir.name} ({type(model).__name__}, {n_params} parameters), "
+          f"{dtype}, {device}; calibration {calib.shape[0]} x {calib.shape[1]} tokens from "
+          f"{'the other Austen novels' if args.text is None else f'the first 90% of {text}'}; evaluation "
+          f"{windows.numel()} tokens of {'Emma' if args.text is None else f'the last 10% of {text}'} in windows of "
+          f"{windows.shape[1]}")
 
     def show(row):
         seconds = row["prune_seconds"]
@@ -126,73 +210,120 @@ def cmd_demo(args) -> int:
 
     rows = demo.run_demo(model, calib, windows, device=device, on_result=show)
     print("\n" + demo.format_table(rows))
-    info = {"device": str(device), "dtype": str(dtype), "nsamples": args.nsamples, "seqlen": args.seqlen,
-            "eval_tokens": int(windows.numel())}
-    title = f"{type(model).__name__} ({n_params}) on {text}: dense vs 50% pruned"
-    json_path, png = demo.write_results(rows, args.output_dir, info, title)
+    info = {"model": model_dir.name, "device": str(device), "dtype": str(dtype), "nsamples": args.nsamples,
+            "seqlen": args.seqlen, "seed": args.seed, "eval_tokens": int(windows.numel())}
+    json_path, png = demo.write_results(rows, args.output_dir, info, f"{model_dir.name} ({n_params}) on {text}")
     print(f"\nwrote {json_path}" + (f" and {png}" if png else " (no chart: pip install matplotlib)"))
     return 0
 
 
+# -- the parser ---------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wanda-kernels", description="Prune LLMs with Wanda and evaluate them.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details; show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp, *, nsamples, seqlen, eval_tokens):
+    def model_and_text(sp):
         sp.add_argument("--model", default=None, help="local Hugging Face model folder, or 'smollm2-135m' "
                         "(the built-in default: SmolLM2-135M-Instruct)")
         sp.add_argument("--text", default=None, help="a UTF-8 text file for calibration (first 90%%) and "
                         "evaluation (last 10%%); default: the built-in Jane Austen corpus (eval on Emma)")
+
+    def calibration(sp, nsamples, seqlen):
         sp.add_argument("--nsamples", type=int, default=nsamples, help=f"calibration windows (default {nsamples})")
         sp.add_argument("--seqlen", type=int, default=seqlen, help=f"tokens per window (default {seqlen})")
+        sp.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+
+    def evaluation(sp, eval_tokens, what=""):
         sp.add_argument("--eval-tokens", type=int, default=eval_tokens,
-                        help=f"evaluate on at most this many tokens (default {eval_tokens})")
-        sp.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+                        help=f"evaluate on at most this many tokens{what} (default {eval_tokens})")
+
+    def device_and_dtype(sp):
         sp.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'...")
-        sp.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+        sp.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="model dtype (auto: fp16 on CUDA, fp32 on CPU)")
 
     sp = sub.add_parser("prune", help="prune a model and save it", description="Prune every linear layer inside "
-                        "the decoder layers, layer by layer on calibration text, and save the result.")
-    common(sp, nsamples=128, seqlen=512, eval_tokens=65536)
+                        "the decoder layers, layer by layer on calibration text, and save the result. The output "
+                        "folder is written whole or not at all.")
+    model_and_text(sp)
+    calibration(sp, 128, 512)
+    evaluation(sp, 65536, " with --eval")
+    device_and_dtype(sp)
     sp.add_argument("--sparsity", type=float, default=None, help="fraction pruned per output row, in [0, 1) "
                     "(default 0.5; with N:M it is 1 - N/M)")
     sp.add_argument("--pattern", default="unstructured", help="'unstructured' or 'N:M', e.g. 2:4 or 4:8")
     sp.add_argument("--method", default="wanda", choices=["wanda", "magnitude", "sparsegpt"],
                     help="pruning metric: wanda (|W|*||X||), magnitude (|W|, per layer), sparsegpt (OBS update)")
-    sp.add_argument("--output", required=True, help="folder for the pruned model (safetensors)")
+    sp.add_argument("--output", required=True, help="folder for the pruned model (safetensors); it must not exist "
+                    "or be empty, unless --overwrite")
+    sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder as a whole "
+                    "(its old files are removed once the new model is complete)")
     sp.add_argument("--compressed", action="store_true", help="with --pattern 2:4, also write the 2:4 "
                     "compressed checkpoint (SparseLinear) to OUTPUT/compressed")
     sp.add_argument("--eval", action="store_true", help="report the perplexity after pruning")
     sp.set_defaults(func=cmd_prune)
 
     sp = sub.add_parser("eval", help="perplexity of a model", description="Perplexity over non-overlapping "
-                        "windows of the evaluation text (Emma by default).")
-    common(sp, nsamples=1, seqlen=512, eval_tokens=65536)
+                        "windows of the evaluation text (Emma by default). A checkpoint written by prune is "
+                        "checked against its recorded checksums first.")
+    model_and_text(sp)
+    sp.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    evaluation(sp, 65536)
+    device_and_dtype(sp)
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("demo", help="dense vs magnitude vs Wanda on the built-in model",
                         description="The main job: SmolLM2-135M on the Austen corpus, dense vs magnitude vs Wanda "
                         "at 50%% unstructured and 2:4; a table of perplexity and pruning time, and a bar chart. "
                         "The defaults finish in about 3.5 minutes on 2 CPU cores.")
-    common(sp, nsamples=32, seqlen=256, eval_tokens=8192)
-    sp.add_argument("--output-dir", default="demo_output", help="where demo.json and demo.png go")
+    model_and_text(sp)
+    calibration(sp, 32, 256)
+    evaluation(sp, 8192)
+    device_and_dtype(sp)
+    sp.add_argument("--output-dir", default="demo_output", help="where demo.json and demo.png go "
+                    "(default demo_output; both files are replaced)")
     sp.set_defaults(func=cmd_demo)
     return p
+
+
+# Errors that mean "the command line (or a file it names) is wrong": exit status 2.
+_USAGE_ERRORS = (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                 IsADirectoryError, PermissionError, ImportError)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"wanda-kernels: warning: {_one_line(message) if isinstance(message, Warning) else message}",
+          file=file or sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    show = warnings.showwarning
+    if not args.verbose:
+        warnings.showwarning = _show_warning  # one line per warning, not a file and line of torch's
     try:
         return args.func(args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+    except KeyboardInterrupt:
+        print(f"wanda-kernels {args.command}: interrupted; no output was left half-written", file=sys.stderr)
+        return 130
+    except Exception as exc:
         if args.verbose:
             raise
-        print(f"wanda-kernels {args.command}: error: {str(exc).splitlines()[0] if str(exc) else exc!r}",
-              file=sys.stderr)
-        return 2
+        usage = isinstance(exc, _USAGE_ERRORS)
+        print(f"wanda-kernels {args.command}: error: {_one_line(exc)}"
+              + ("" if usage else " (run with -v for the traceback)"), file=sys.stderr)
+        return 2 if usage else 1
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["AUSTEN_NOVELS", "EVAL_NOVEL", "austen_dir", "austen_texts", "load_corpus", "sample_windows",
-           "eval_windows"]
+           "eval_windows", "read_text_file"]
 
 AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 EVAL_NOVEL = "emma"
@@ -85,6 +85,29 @@ def austen_texts(folder: str | Path | None = None) -> dict[str, str]:
     return {n: "\n".join(lines[n]) for n in AUSTEN_NOVELS}
 
 
+def read_text_file(text_file: str | Path) -> str:
+    """A UTF-8 text file's content; errors name the file and say what is wrong with it.
+
+    Raises:
+        FileNotFoundError: it does not exist. IsADirectoryError: it is a folder.
+        ValueError: it is not UTF-8 text (the offset of the first bad byte) or is empty.
+    """
+    path = Path(text_file)
+    if not path.exists():
+        raise FileNotFoundError(f"text file {path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"text file {path} is a folder; give a UTF-8 text file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"text file {path} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} "
+                         f"cannot be decoded (convert it, e.g. `iconv -f latin1 -t utf-8`)") from None
+    if not text.strip():
+        raise ValueError(f"text file {path} is empty")
+    return text
+
+
 def load_corpus(text_file: str | Path | None = None, *, split: str) -> str:
     """Calibration (``split="calib"``) or evaluation (``split="eval"``) text.
 
@@ -95,10 +118,7 @@ def load_corpus(text_file: str | Path | None = None, *, split: str) -> str:
     if split not in ("calib", "eval"):
         raise ValueError(f"split must be 'calib' or 'eval'; got {split!r}")
     if text_file is not None:
-        path = Path(text_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"text file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(text_file)
         cut = int(len(text) * 0.9)
         return text[:cut] if split == "calib" else text[cut:]
     texts = austen_texts()

@@ -72,7 +72,10 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_results(rows: list[dict], out_dir, info: dict, title: str) -> tuple[Path, Path | None]:
-    """``demo.json`` (``info`` plus the rows) and, with matplotlib, ``demo.png`` in ``out_dir``."""
+    """``demo.json`` (``info`` plus the rows) and, with matplotlib, ``demo.png`` in ``out_dir``.
+
+    ``title`` names the model and the text (e.g. ``"SmolLM2-135M-Instruct (135M) on Emma"``).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "demo.json"
@@ -80,8 +83,15 @@ def write_results(rows: list[dict], out_dir, info: dict, title: str) -> tuple[Pa
     return json_path, bar_chart(rows, out / "demo.png", title)
 
 
+PATTERN_LABELS = {"unstructured": "50% unstructured", "2:4": "2:4 (50%)"}
+METHOD_COLORS = {"magnitude": "tab:orange", "wanda": "tab:blue"}
+
+
 def bar_chart(rows: list[dict], path: Path, title: str) -> Path | None:
-    """Perplexity per run on a log scale; None when matplotlib is not installed."""
+    """Perplexity per pruned run, grouped by pattern, dense as a reference line; log scale.
+
+    None when matplotlib is not installed.
+    """
     try:
         import matplotlib
 
@@ -89,14 +99,32 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    colors = {"dense": "gray", "magnitude": "tab:orange", "wanda": "tab:blue"}
-    ax.bar([r["run"] for r in rows], [r["perplexity"] for r in rows], color=[colors[r["method"]] for r in rows])
+    dense = [r["perplexity"] for r in rows if r["method"] == "dense"]
+    pruned = [r for r in rows if r["method"] != "dense"]
+    patterns = list(dict.fromkeys(r["pattern"] for r in pruned))
+    methods = list(dict.fromkeys(r["method"] for r in pruned))
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for m, method in enumerate(methods):
+        for g, pattern in enumerate(patterns):
+            match = [r for r in pruned if r["method"] == method and r["pattern"] == pattern]
+            if not match:
+                continue
+            x = g + (m - (len(methods) - 1) / 2) * width
+            value = match[0]["perplexity"]
+            ax.bar(x, value, width * 0.9, color=METHOD_COLORS.get(method, f"C{m}"),
+                   label=method if g == 0 else None)
+            ax.annotate(f"{value:.1f}", (x, value), xytext=(0, 2), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=8)
+    if dense:
+        ax.axhline(dense[0], color="gray", linestyle="--", linewidth=1, label=f"dense ({dense[0]:.1f})")
+    ax.set_xticks(range(len(patterns)), [PATTERN_LABELS.get(p, p) for p in patterns])
     ax.set_yscale("log")
+    values = [r["perplexity"] for r in rows]
+    ax.set_ylim(min(values) / 1.5, max(values) * 2.5)  # room above the tallest bar for its label
     ax.set_ylabel("perplexity (log scale, lower is better)")
-    ax.set_title(title)
-    for i, r in enumerate(rows):
-        ax.text(i, r["perplexity"], f"{r['perplexity']:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_title(f"{title}: perplexity after pruning", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -71,17 +71,32 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
     if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         return default_model_dir()
     path = Path(name_or_path)
+    hint = f"give a local Hugging Face model folder or '{DEFAULT_MODEL}'"
+    if not path.exists():
+        raise FileNotFoundError(f"model directory {path} does not exist; {hint}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"model {path} is a file, not a folder; {hint}")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model directory {path} not found (or has no config.json); give a local "
-                                f"Hugging Face model folder or '{DEFAULT_MODEL}'")
+        raise FileNotFoundError(f"model directory {path} exists but has no config.json, so it is not a Hugging Face "
+                                f"model folder; {hint}")
     return path
 
 
-def load_model(name_or_path=None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """``(model, tokenizer)`` in eval mode, ``use_cache`` off, on ``device``."""
+def load_tokenizer(name_or_path=None):
+    """The tokenizer of a model folder (or of the built-in default), without loading the model."""
+    return _require_transformers().AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+
+
+def load_model(name_or_path=None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               tokenizer=None):
+    """``(model, tokenizer)`` in eval mode, ``use_cache`` off, on ``device``.
+
+    ``tokenizer``: one already loaded with :func:`load_tokenizer` (else it is loaded here).
+    """
     transformers = _require_transformers()
     path = resolve_model_path(name_or_path)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if tokenizer is None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.config.use_cache = False
     return model.to(device).eval(), tokenizer

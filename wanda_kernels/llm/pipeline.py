@@ -15,7 +15,8 @@ no model-name checks. Only linear layers inside decoder layers are pruned
 
 Each method is one entry of :data:`METHODS`: what it collects while a layer runs, and
 how it prunes one linear with that. Every option and every linear's shape is checked
-before the first weight changes.
+before the first weight changes, and so is that every weight is finite (one read-back
+per model).
 """
 
 from __future__ import annotations
@@ -231,6 +232,10 @@ def prune_model(
 
     Returns:
         A :class:`PruneReport` with the sparsity reached per linear and the time per layer.
+
+    Raises:
+        ValueError, TypeError: a bad option, a linear that cannot take the pattern, or a
+            weight holding NaN or Inf (all named); then no weight has changed.
     """
     check_choice("method", method, tuple(METHODS))
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
@@ -248,9 +253,7 @@ def prune_model(
     spec = prune_spec(sparsity, pattern, chosen.metric, scope or "row", backend)
     device = torch.device(device) if device is not None else None
     layers_name, layers = find_decoder_layers(model)
-    for index, layer in enumerate(layers):  # every linear, before any is touched
-        for name, mod in linear_layers(layer).items():
-            check_prunable(_linear_weight(mod), spec, name=f"{layers_name}.{index}.{name}.weight")
+    _check_weights(layers_name, layers, spec)  # every linear, before any is touched
 
     t_start = time.perf_counter()
     report = PruneReport(method=method, pattern=pattern, sparsity=spec.sparsity, nsamples=calib.shape[0],
@@ -311,6 +314,22 @@ def prune_model(
     logger.info("pruned %d decoder layers (%s, %s) in %.1f s; mean sparsity %.4f", len(layers), method, pattern,
                 report.total_seconds, report.overall_sparsity())
     return report
+
+
+def _check_weights(layers_name: str, layers: nn.ModuleList, spec: PruneSpec) -> None:
+    """Every linear's weight: dtype, shape and pattern, then finite values, read back in one transfer per device."""
+    names, finite = [], []
+    for index, layer in enumerate(layers):
+        for name, mod in linear_layers(layer).items():
+            weight = _linear_weight(mod)
+            names.append(f"{layers_name}.{index}.{name}.weight")
+            check_prunable(weight, spec, name=names[-1])
+            finite.append(torch.isfinite(weight).all())
+    bad = [name for name, ok in zip(names, _to_host(finite)) if not ok]
+    if bad:
+        raise ValueError(f"{len(bad)} weight{'s' if len(bad) > 1 else ''} of the model hold NaN or Inf values "
+                         f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); pruning ranks weights by "
+                         "score, and NaN or Inf has no rank. Nothing was pruned")
 
 
 def _synchronize(device: torch.device) -> None:

@@ -1,0 +1,364 @@
+"""The ``wanda-kernels`` command as a user runs it: bad inputs, checkpoints, nothing lost.
+
+Every bad input runs the real command (``python -m wanda_kernels``) and checks exit
+status 2, one line on stderr naming the problem, no traceback, and that no file was
+created or changed. In-process runs (``cli.main``) with the loaders replaced check that
+those refusals come before anything is loaded.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_pipeline import _assets_or_skip  # noqa: E402
+
+from wanda_kernels.llm import checkpoint, cli, models, pipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune must be in want " \
+       "of a wife. However little known the feelings or views of such a man may be on his first entering a " \
+       "neighbourhood, this truth is so well fixed in the minds of the surrounding families. " * 60
+
+
+def _cli(*args, cwd=None, warnings_on=False):
+    env = dict(os.environ)
+    if not warnings_on:
+        env["PYTHONWARNINGS"] = "ignore"
+    return subprocess.run([sys.executable, "-m", "wanda_kernels", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=900, cwd=cwd)
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file and folder under ``folder`` (hidden ones included) with its content hash."""
+    return {p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(folder.rglob("*"))}
+
+
+def _assert_usage_error(proc, pattern):
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and err.startswith("wanda-kernels ")
+    assert "error: '" not in err and 'error: "' not in err  # the message itself, not its repr
+    assert re.search(pattern, err), err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny LLaMA with the built-in model's tokenizer: the real command, in seconds."""
+    default = _assets_or_skip()
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = transformers.AutoTokenizer.from_pretrained(default)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "austen.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A folder holding what the bad inputs point at."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "config.json").write_text('{"mine": true}')
+    (tmp_path / "full" / "notes.txt").write_text("keep me")
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "latin1.txt").write_bytes(b"Hello \xd0 world, " * 50)
+    (tmp_path / "no_config").mkdir()
+    (tmp_path / "no_config" / "weights.bin").write_bytes(b"\0")
+    return tmp_path
+
+
+BAD_INPUTS = [
+    (["prune", "--output", "{ws}/new", "--sparsity", "1.2"], r"error: sparsity must be in \[0, 1\); got 1\.2$"),
+    (["prune", "--output", "{ws}/new", "--pattern", "3:2"], r"error: pattern '3:2': need 1 <= N < M"),
+    (["prune", "--output", "{ws}/new", "--nsamples", "0"], r"error: --nsamples must be positive; got 0"),
+    (["prune", "--output", "{ws}/new", "--compressed"], r"error: --compressed needs --pattern 2:4"),
+    (["prune", "--output", "{ws}/full"], r"error: --output .*/full is a folder that is not empty \(2 entries: "
+                                         r"config\.json, notes\.txt\); give --overwrite to replace it"),
+    (["prune", "--output", "{ws}/a_file"], r"error: --output .*/a_file is an existing file, not a folder"),
+    (["prune", "--output", "{ws}/a_file/sub"], r"error: --output .*/a_file/sub: .*/a_file is a file"),
+    (["prune", "--output", "{ws}/a_file", "--overwrite"], r"error: --output .*/a_file is an existing file"),
+    (["prune", "--output", "{ws}/new", "--device", "tpu"], r"error: --device tpu: not a device; give auto, cpu, "
+                                                           r"cuda or cuda:N$"),
+    (["prune", "--output", "{ws}/new", "--device", "cuda:7"], r"error: --device cuda:7: "),
+    (["prune", "--output", "{ws}/new", "--text", "{ws}/missing.txt"],
+     r"error: --text: text file .*/missing\.txt does not exist$"),
+    (["prune", "--output", "{ws}/new", "--text", "{ws}/latin1.txt"],
+     r"error: --text: text file .*/latin1\.txt is not UTF-8 text: byte 0xd0 at offset 6 cannot be decoded"),
+    (["prune", "--output", "{ws}/new", "--text", "{ws}/no_config"], r"error: --text: text file .* is a folder"),
+    (["prune", "--output", "{ws}/new", "--model", "{ws}/nowhere"],
+     r"error: --model: model directory .*/nowhere does not exist; give a local Hugging Face model folder"),
+    (["prune", "--output", "{ws}/new", "--model", "{ws}/no_config"],
+     r"error: --model: model directory .*/no_config exists but has no config\.json"),
+    (["prune", "--output", "{ws}/new", "--model", "{ws}/a_file"], r"error: --model: model .*/a_file is a file, not "
+                                                                  r"a folder"),
+    (["eval", "--device", "tpu"], r"error: --device tpu: not a device"),
+    (["eval", "--text", "{ws}/latin1.txt"], r"error: --text: text file .*/latin1\.txt is not UTF-8 text"),
+    (["eval", "--eval-tokens", "-5"], r"error: --eval-tokens must be positive; got -5"),
+    (["demo", "--output-dir", "{ws}/a_file"], r"error: --output-dir .*/a_file is an existing file, not a folder"),
+    (["demo", "--seqlen", "0"], r"error: --seqlen must be positive; got 0"),
+]
+
+
+def _fill(args, ws, model_dir):
+    out = [a.replace("{ws}", str(ws)) for a in args]
+    if "--model" not in out and out[0] != "eval":
+        out += ["--model", str(model_dir)]
+    if out[0] == "eval" and "--model" not in out:
+        out += ["--model", str(model_dir)]
+    return out
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a[:1] + a[3:]) for a, _ in BAD_INPUTS])
+def test_bad_input_one_line_exit_2_nothing_written(args, message, workspace, model_dir):
+    if "cuda:7" in args and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    before, model_before = _snapshot(workspace), _snapshot(model_dir)
+    proc = _cli(*_fill(args, workspace, model_dir))
+    _assert_usage_error(proc, message)
+    assert _snapshot(workspace) == before and _snapshot(model_dir) == model_before
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a[:1] + a[3:]) for a, _ in BAD_INPUTS])
+def test_refused_before_anything_is_loaded(args, message, workspace, model_dir, monkeypatch, capsys):
+    # The same refusals, in process, with every loader replaced by a failure: they come
+    # first, not after a model load of many seconds.
+    def loaded(*a, **k):
+        pytest.fail("loaded something before refusing a bad command line")
+
+    for name in ("load_tokenizer", "load_model", "default_model_dir"):
+        monkeypatch.setattr(models, name, loaded)
+    monkeypatch.setattr(pipeline, "prune_model", loaded)
+    filled = _fill(args, workspace, model_dir)
+    assert cli.main(filled) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_unwritable_output_is_refused_up_front(workspace, model_dir, monkeypatch, capsys):
+    # (Tests run as root here, for whom every folder is writable: os.access stands in.)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == workspace else real_access(p, mode))
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before refusing"))
+    assert cli.main(["prune", "--model", str(model_dir), "--output", str(workspace / "new")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"wanda-kernels prune: error: --output {re.escape(str(workspace))}/new: no permission to "
+                        rf"write in {re.escape(str(workspace))}", err), err
+
+
+# ---------------------------------------------------------------------------
+# A pruned checkpoint, written once by the real command, then damaged, overwritten, evaluated
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, model_dir, text_file):
+    out = tmp_path_factory.mktemp("pruned") / "out"
+    proc = _cli("prune", "--model", model_dir, "--text", text_file, "--pattern", "2:4", "--nsamples", "4",
+                "--seqlen", "32", "--output", out, "--compressed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compressing 2:4 layers" in proc.stderr  # the progress bar of the compression
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_manifests_record_a_checksum_of_every_file(pruned):
+    for folder in (pruned, pruned / "compressed"):
+        manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
+        files = {p.relative_to(folder).as_posix() for p in folder.iterdir() if p.is_file()} - {checkpoint.MANIFEST}
+        assert manifest["version"] == 2 and set(manifest["files"]) == files and "model.safetensors" in files
+        for name, digest in manifest["files"].items():
+            assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+
+
+def test_prune_onto_its_own_output_is_refused_and_changes_nothing(pruned, model_dir):
+    before = _snapshot(pruned.parent)
+    proc = _cli("prune", "--model", model_dir, "--output", pruned)
+    _assert_usage_error(proc, r"is a folder that is not empty .* give --overwrite to replace it, or give a new folder")
+    assert _snapshot(pruned.parent) == before
+
+
+def test_overwrite_replaces_the_whole_folder(pruned, model_dir, text_file, tmp_path):
+    target = _copy(pruned, tmp_path / "out")
+    (target / "stale.txt").write_text("from an earlier run")
+    proc = _cli("prune", "--model", model_dir, "--text", text_file, "--nsamples", "4", "--seqlen", "32",
+                "--output", target, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = {p.name for p in target.iterdir()}
+    assert "stale.txt" not in names and "compressed" not in names and "model.safetensors" in names
+    assert json.loads((target / checkpoint.MANIFEST).read_text())["report"]["pattern"] == "unstructured"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or old folder left beside it
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "compressed/model.safetensors", "compressed/config.json"])
+def test_eval_names_a_damaged_file(pruned, tmp_path, damaged):
+    target = _copy(pruned, tmp_path / "out")
+    file = target / damaged
+    blob = bytearray(file.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # one flipped byte: still loads, silently wrong
+    file.write_bytes(bytes(blob))
+    model = target / "compressed" if damaged.startswith("compressed") else target
+    proc = _cli("eval", "--model", model, "--seqlen", "32", "--eval-tokens", "64")
+    _assert_usage_error(proc, rf"{re.escape(str(file))} is damaged: its sha256 differs from the one recorded in "
+                              rf".*wanda_kernels\.json")
+
+
+def test_eval_names_a_missing_file(pruned, tmp_path):
+    target = _copy(pruned, tmp_path / "out")
+    (target / "compressed" / "model.safetensors").unlink()
+    proc = _cli("eval", "--model", target / "compressed")
+    _assert_usage_error(proc, r"compressed/model\.safetensors is missing: .*wanda_kernels\.json lists it")
+
+
+def test_eval_of_a_compressed_checkpoint_warns_once_before_the_bar(pruned, text_file):
+    proc = _cli("eval", "--model", pruned / "compressed", "--text", text_file, "--seqlen", "32", "--eval-tokens",
+                "256", warnings_on=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "perplexity" in proc.stdout
+    warning_lines = [line for line in proc.stderr.splitlines() if "SparseLinear" in line]
+    assert len(warning_lines) == 1, proc.stderr
+    assert warning_lines[0].startswith("wanda-kernels: warning: the model's 14 SparseLinear layers run dense F.linear")
+    assert "custom_ops" not in proc.stderr and "Traceback" not in proc.stderr
+    bar = proc.stderr.find("perplexity:")
+    assert bar == -1 or proc.stderr.find("SparseLinear") < bar  # before the evaluation's progress bar
+
+
+def test_eval_refuses_another_dtype_for_a_compressed_checkpoint(pruned):
+    proc = _cli("eval", "--model", pruned / "compressed", "--dtype", "fp32")
+    _assert_usage_error(proc, r"--dtype fp32: .* is a 2:4 compressed checkpoint stored in float16; leave --dtype auto")
+
+
+@pytest.mark.parametrize(("raised", "status", "message"), [
+    (KeyboardInterrupt(), 130, r"^wanda-kernels prune: interrupted; no output was left half-written$"),
+    (OSError(28, "No space left on device"), 1, r"^wanda-kernels prune: error: \[Errno 28\] No space left on device "
+                                                r"\(run with -v for the traceback\)$"),
+])
+def test_a_failed_save_leaves_nothing(model_dir, text_file, tmp_path, monkeypatch, capsys, raised, status, message):
+    def save_then_fail(model, tokenizer, out_dir, **kwargs):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "model.safetensors").write_bytes(b"half")
+        raise raised
+
+    monkeypatch.setattr(checkpoint, "save_compressed", save_then_fail)
+    out = tmp_path / "out"
+    status_got = cli.main(["prune", "--model", str(model_dir), "--text", str(text_file), "--pattern", "2:4",
+                           "--nsamples", "2", "--seqlen", "32", "--output", str(out), "--compressed"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status_got == status and re.search(message, err[-1]), err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
+
+
+# ---------------------------------------------------------------------------
+# Parser and README agree
+
+
+def test_eval_takes_only_the_options_it_uses():
+    proc = _cli("eval", "--help")
+    assert proc.returncode == 0
+    for used in ("--model", "--text", "--seqlen", "--eval-tokens", "--device", "--dtype"):
+        assert used in proc.stdout
+    for unused in ("--nsamples", "--seed", "--sparsity", "--output"):
+        assert unused not in proc.stdout
+
+
+def _synopsis() -> dict[str, list[str]]:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- cli-synopsis -->")[1].split("<!-- /cli-synopsis -->")[0]
+    commands: dict[str, list[str]] = {}
+    current = None
+    for line in block.splitlines():
+        if line.startswith("wanda-kernels "):
+            current = line.split()[1]
+            commands[current] = []
+        if current and not line.startswith("```"):
+            commands[current].append(line)
+    return {c: " ".join(lines) for c, lines in commands.items()}
+
+
+def test_readme_synopsis_matches_the_parser():
+    subparsers = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    synopsis = _synopsis()
+    assert set(synopsis) == set(subparsers)
+    for command, line in synopsis.items():
+        shown = dict(re.findall(r"(--[a-z-]+)(?: ([^\]\s]+))?", line.split(command, 1)[1]))
+        actions = {a.option_strings[-1]: a for a in subparsers[command]._actions if a.option_strings[-1] != "--help"}
+        assert set(shown) == set(actions), (command, set(shown) ^ set(actions))
+        for option, value in shown.items():
+            action = actions[option]
+            if "|" in value:  # the choices, the default first
+                alternatives = value.split("|")
+                assert alternatives == list(action.choices) if action.choices else alternatives[0] == action.default
+            elif value.isupper():  # a placeholder: DIR, FILE, OUT
+                assert action.default is None, (command, option)
+            elif value:  # the default, or where the parser's is None, the one its help names
+                assert value == str(action.default) or (action.default is None and f"default {value}" in action.help), \
+                    (command, option, value, action.default)
+            else:  # a flag
+                assert action.nargs == 0, (command, option)
+        required = {a.option_strings[-1] for a in actions.values() if a.required}
+        assert all(f"[{o}" not in line for o in required) and all(o in line for o in required)
+
+
+def test_prune_help_explains_options():
+    proc = _cli("prune", "--help")
+    assert proc.returncode == 0
+    for option in ("--model", "--sparsity", "--pattern", "--method", "--nsamples", "--seqlen", "--output",
+                   "--overwrite"):
+        assert option in proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# The built-in model, end to end
+
+
+def test_prune_eval_demo_smoke(tmp_path):
+    _assets_or_skip()
+    out = tmp_path / "pruned"
+    proc = _cli("prune", "--pattern", "2:4", "--nsamples", "2", "--seqlen", "32", "--output", out,
+                "--compressed", "--eval", "--eval-tokens", "64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mean sparsity 0.5000" in proc.stdout and "perplexity:" in proc.stdout
+    for target in (out, out / "compressed"):
+        proc = _cli("eval", "--model", target, "--seqlen", "32", "--eval-tokens", "64")
+        assert proc.returncode == 0 and "perplexity" in proc.stdout, proc.stderr[-3000:]
+    proc = _cli("demo", "--nsamples", "2", "--seqlen", "32", "--eval-tokens", "64", "--output-dir", tmp_path / "d")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("demo: SmolLM2-135M-Instruct (LlamaForCausalLM, 135M parameters)")
+    result = json.loads((tmp_path / "d" / "demo.json").read_text())
+    assert result["model"] == "SmolLM2-135M-Instruct"
+    assert [r["run"] for r in result["results"]] == ["dense", "magnitude 50%", "wanda 50%", "magnitude 2:4",
+                                                     "wanda 2:4"]
+    assert (tmp_path / "d" / "demo.png").stat().st_size > 0
+
+
+def test_console_script_is_installed():
+    script = os.path.join(os.path.dirname(sys.executable), "wanda-kernels")
+    if not os.path.exists(script):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("pip install did not create the wanda-kernels console script")
+        pytest.skip("package not installed in this environment")
+    proc = subprocess.run([script, "demo", "--help"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "--nsamples" in proc.stdout and "Austen" in proc.stdout
