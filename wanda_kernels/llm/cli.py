@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="dense vs magnitude vs Wanda on the built-in model",
                         description="The main job: SmolLM2-135M on the Austen corpus, dense vs magnitude vs Wanda "
                         "at 50%% unstructured and 2:4; a table of perplexity and pruning time, and a bar chart. "
-                        "The defaults finish in about 3.5 minutes on 2 CPU cores.")
+                        "The defaults finish in 2 to 3.5 minutes on 2 CPU cores.")
     model_and_text(sp)
     calibration(sp, 32, 256)
     evaluation(sp, 8192)
