@@ -129,13 +129,16 @@ def _tool_version(tool: str | None) -> str:
         return "unknown"
 
 
+_FLAG_ENVS = ("CUDAFLAGS", "CXXFLAGS", "CFLAGS", "LDFLAGS", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN")
+
+
 def build_cache_key(archs: list[str], nvcc: str, include_dirs: list[str], pybind11_version: str) -> str:
     """sha256 of everything the built ``_C`` depends on.
 
     The sources (``csrc/``, ``CMakeLists.txt``, ``setup.py``, this file), the nvcc and
-    host compiler versions, the architectures, the Python ABI, pybind11's version and
-    CUTLASS's ``version.h`` (not the include paths: pip's isolated build environment
-    lives in a new temporary folder each time).
+    host compiler versions, the architectures, the Python ABI, pybind11's version, the
+    compiler flags set in the environment and CUTLASS's ``version.h`` (not the include
+    paths: pip's isolated build environment lives in a new temporary folder each time).
     """
     digest = hashlib.sha256()
 
@@ -153,6 +156,8 @@ def build_cache_key(archs: list[str], nvcc: str, include_dirs: list[str], pybind
     add("archs", ";".join(archs))
     add("python", f"{sys.version} {sysconfig.get_config_var('EXT_SUFFIX')}")
     add("pybind11", pybind11_version)
+    for var in _FLAG_ENVS:  # flags CMake and nvcc read from the environment
+        add(var, os.environ.get(var, ""))
     for include in include_dirs:
         version = Path(include) / "cutlass" / "version.h"
         add("cutlass", version.read_bytes() if version.is_file() else b"none")

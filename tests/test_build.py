@@ -142,3 +142,11 @@ def test_build_cache_stores_and_finds_a_built_extension(tmp_path, monkeypatch):
     assert cuda_env.cached_extension("cd" * 32, built.name) is None  # another key: built afresh
     monkeypatch.setenv(cuda_env.BUILD_CACHE_ENV, "0")
     assert cuda_env.cached_extension("ab" * 32, built.name) is None and cuda_env.store_extension("ab" * 32, built) is None
+
+
+def test_build_cache_key_follows_compiler_flags_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setattr(cuda_env, "ROOT", _fake_checkout(tmp_path / "src"))
+    monkeypatch.delenv("NVCC_APPEND_FLAGS", raising=False)
+    plain = cuda_env.build_cache_key(["80"], sys.executable, [], "2.13.6")
+    monkeypatch.setenv("NVCC_APPEND_FLAGS", "-lineinfo")
+    assert cuda_env.build_cache_key(["80"], sys.executable, [], "2.13.6") != plain

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ._layout24 import DTYPES_24, META_FORMATS, filled_meta
+from ._progress import progress_bar
 from ._validation import check_choice
 from .gemm24 import policy
 from .gemm24.op import (
@@ -233,7 +234,7 @@ def sparsify_(model: nn.Module, filter_fn=None, *, progress: bool = False) -> li
         targets.append(name)
     # Convert all first, then swap: a failure leaves the model unchanged.
     replacements = {name: SparseLinear.from_linear(model.get_submodule(name))
-                    for name in _progress(targets, progress, "compressing 2:4 layers")}
+                    for name in progress_bar(targets, progress, "compressing 2:4 layers")}
     for name, new in replacements.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
@@ -256,12 +257,3 @@ def announce_fallback(model: nn.Module) -> None:
     for reason, layers in counts.items():
         warn_fallback(reason, layers)
 
-
-def _progress(items: list, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, unit="layer", leave=False)

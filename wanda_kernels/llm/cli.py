@@ -102,14 +102,10 @@ def _check_prune_options(args) -> None:
         raise UsageError("--compressed needs --pattern 2:4")
 
 
-def _check_output(path, *, overwrite: bool, option: str, fresh: bool) -> None:
-    from .safe_io import check_output_dir, check_writable_dir
-
+def _checked_path(check, path, **kwargs) -> None:
+    """Run one of :mod:`.safe_io`'s output checks; its OSError becomes a usage error."""
     try:
-        if fresh:
-            check_output_dir(path, overwrite=overwrite, name=option, overwrite_hint="give --overwrite to replace it")
-        else:
-            check_writable_dir(path, name=option)
+        check(path, **kwargs)
     except OSError as exc:
         raise _usage(exc) from None
 
@@ -128,11 +124,12 @@ def _windows(args, tokenizer, split):
 
 def cmd_prune(args) -> int:
     from . import checkpoint, evaluate, models, pipeline
-    from .safe_io import staged_dir
+    from .safe_io import check_output_dir, staged_dir
 
     _check_prune_options(args)
     device, model_dir = _check_common(args)
-    _check_output(args.output, overwrite=args.overwrite, option="--output", fresh=True)
+    _checked_path(check_output_dir, args.output, overwrite=args.overwrite, name="--output",
+                  overwrite_hint="give --overwrite to replace it")
     dtype = _dtype(args.dtype, device)
 
     tok = models.load_tokenizer(model_dir)
@@ -187,9 +184,10 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     from . import demo, models
+    from .safe_io import check_writable_dir
 
     device, model_dir = _check_common(args)
-    _check_output(args.output_dir, overwrite=True, option="--output-dir", fresh=False)
+    _checked_path(check_writable_dir, args.output_dir, name="--output-dir")
     dtype = _dtype(args.dtype, device)
     tok = models.load_tokenizer(model_dir)
     calib = _windows(args, tok, "calib")

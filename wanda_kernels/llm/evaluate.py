@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._progress import progress_bar
+
 __all__ = ["perplexity"]
 
 
@@ -27,14 +29,7 @@ def perplexity(model, windows: torch.Tensor, *, batch_size: int = 4, progress: b
     if windows.dim() != 2 or windows.dtype != torch.long:
         raise ValueError(f"windows must be int64 (n, seqlen); got {windows.dtype} {tuple(windows.shape)}")
     device = model.get_input_embeddings().weight.device
-    starts = range(0, windows.shape[0], batch_size)
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="perplexity", unit="batch", leave=False)
-        except ImportError:
-            pass
+    starts = progress_bar(range(0, windows.shape[0], batch_size), progress, "perplexity", unit="batch")
     nll, count = 0.0, 0
     for s in starts:
         ids = windows[s : s + batch_size].to(device)

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .._progress import progress_bar
 from .._validation import check_choice, check_positive_int
 from ..norms import ActNormCollector
 from ..prune import PruneSpec, apply_mask_, check_prunable, prune_spec
@@ -269,7 +270,7 @@ def prune_model(
     # per-layer path waits for the GPU except the phase timings (_synchronize).
     zeros: list[tuple[LayerReport, str, int, torch.Tensor]] = []  # (report, linear, numel, zero count)
     nonfinite: list[tuple[int, torch.Tensor]] = []
-    bar = _progress(layers, progress, f"{method} {pattern}")
+    bar = progress_bar(layers, progress, f"{method} {pattern}")
     for index, layer in enumerate(bar):
         t_layer = time.perf_counter()
         home = _first_device(layer)
@@ -357,12 +358,3 @@ def _run_layer(layer, inps, kwargs):
         out[j : j + 1] = _layer_out(layer(inps[j : j + 1], **kwargs))
     return out
 
-
-def _progress(items, enabled, desc):
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, unit="layer", leave=False)
