@@ -120,12 +120,9 @@ BAD_INPUTS = [
 
 
 def _fill(args, ws, model_dir):
+    """The command line of a case: paths in the workspace, and the tiny model unless the case names one."""
     out = [a.replace("{ws}", str(ws)) for a in args]
-    if "--model" not in out and out[0] != "eval":
-        out += ["--model", str(model_dir)]
-    if out[0] == "eval" and "--model" not in out:
-        out += ["--model", str(model_dir)]
-    return out
+    return out if "--model" in out else [*out, "--model", str(model_dir)]
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a[:1] + a[3:]) for a, _ in BAD_INPUTS])
