@@ -122,46 +122,55 @@ class _Case:
             return None, str(exc)[:200]
 
 
+def _schedule_row(case, meta, x, y, shape, dtype_name, config, schedules) -> dict:
+    """One (shape, tokens, config) row: cuBLAS, decode where graph-timed, and every schedule, each checked first."""
+    from wanda_kernels.gemm24 import launch_sm90
+
+    tokens, (out_f, in_f) = x.shape[0], (y.shape[1], x.shape[1])
+    row = dict(shape=shape, out_features=out_f, in_features=in_f, tokens=tokens, dtype=dtype_name, config=config,
+               dense_ms=case.dense_ms, timing=case.timing)
+    if config != "decode" and case.graph:
+        row["decode_ms"] = case.timed([lambda v=v: launch_sm90(v, meta, x, y, None, "decode") for v in case.vals])
+    times = {}
+    for sched in schedules:
+        key = f"swizzle={sched.swizzle},raster={sched.raster},splits={sched.splits}"
+        ms, error = case.check_and_time(y, lambda v, s=sched: launch_sm90(v, meta, x, y, None, config, s))
+        if error:
+            row[f"error {key}"] = error
+        else:
+            times[key] = ms
+    row["schedule_ms"] = times
+    if times:
+        default = times.get("swizzle=1,raster=heuristic,splits=1")
+        best = min(times, key=times.get)
+        row.update(best=best, best_ms=times[best], default_ms=default, best_vs_dense=row["dense_ms"] / times[best])
+        log.info("%-12s %5d tok %-7s dense %8.1f us  default %8.1f  best %8.1f (%s)  %.2fx dense", shape, tokens,
+                 config, row["dense_ms"] * 1e3, (default or float("nan")) * 1e3, times[best] * 1e3, best,
+                 row["best_vs_dense"])
+    return row
+
+
 def schedule_sweep(device, dtype, dtype_name, save) -> list[dict]:
     """Rows of (shape, tokens, config) with cuBLAS and every schedule's time, each output checked first.
 
     ``save(rows)`` is called after each shape, so that a run cut short keeps what it measured.
     """
-    from wanda_kernels.gemm24 import SM90_RASTERS, Sm90Schedule, launch_sm90
+    from wanda_kernels.gemm24 import SM90_RASTERS, Sm90Schedule
 
     big = [Sm90Schedule(swizzle, raster) for raster in SM90_RASTERS for swizzle in (1, 2, 4, 8)]
+    # Per token count, the configurations swept there: they share one input, reference and
+    # cuBLAS time.
+    plan = [(t, [("large", big), ("wide", big)]) for t in SCHEDULE_TOKENS]
+    plan += [(t, [("streamk", [Sm90Schedule(splits=n) for n in SPLITS])]) for t in SPLITK_TOKENS]
     rows = []
     for model, layers in LLAMA_SHAPES.items():
         for layer, (out_f, in_f) in layers.items():
             w, values, meta, _ = _weight(out_f, in_f, device, dtype)
-            cases = [(t, c, big) for t in SCHEDULE_TOKENS for c in ("large", "wide")]
-            cases += [(t, "streamk", [Sm90Schedule(splits=n) for n in SPLITS]) for t in SPLITK_TOKENS]
-            for tokens, config, schedules in cases:
+            for tokens, runs in plan:
                 case = _Case(w, values, tokens, device, dtype)
                 x, y = case.x, torch.empty(tokens, out_f, device=device, dtype=dtype)
-                row = dict(shape=f"{model} {layer}", out_features=out_f, in_features=in_f, tokens=tokens,
-                           dtype=dtype_name, config=config, dense_ms=case.dense_ms, timing=case.timing)
-                if config != "decode" and case.graph:
-                    row["decode_ms"] = case.timed([lambda v=v: launch_sm90(v, meta, x, y, None, "decode")
-                                                   for v in case.vals])
-                times = {}
-                for sched in schedules:
-                    key = f"swizzle={sched.swizzle},raster={sched.raster},splits={sched.splits}"
-                    ms, error = case.check_and_time(y, lambda v, s=sched: launch_sm90(v, meta, x, y, None, config, s))
-                    if error:
-                        row[f"error {key}"] = error
-                    else:
-                        times[key] = ms
-                row["schedule_ms"] = times
-                if times:
-                    default = times.get("swizzle=1,raster=heuristic,splits=1")
-                    best = min(times, key=times.get)
-                    row.update(best=best, best_ms=times[best], default_ms=default,
-                               best_vs_dense=row["dense_ms"] / times[best])
-                    log.info("%-12s %5d tok %-7s dense %8.1f us  default %8.1f  best %8.1f (%s)  %.2fx dense",
-                             row["shape"], tokens, config, row["dense_ms"] * 1e3, (default or float("nan")) * 1e3,
-                             times[best] * 1e3, best, row["best_vs_dense"])
-                rows.append(row)
+                rows += [_schedule_row(case, meta, x, y, f"{model} {layer}", dtype_name, config, schedules)
+                         for config, schedules in runs]
                 del case
             save(rows)
     return rows
