@@ -22,7 +22,8 @@ def _load_env_module():
     return module
 
 
-env_flag = _load_env_module().env_flag
+_env = _load_env_module()
+env_flag, cache_root = _env.env_flag, _env.cache_root
 
 SKIP_ENV = "WANDA_KERNELS_SKIP_CUDA_BUILD"
 ARCHS_ENV = "WANDA_KERNELS_CUDA_ARCHS"
@@ -167,10 +168,7 @@ def build_cache_key(archs: list[str], nvcc: str, include_dirs: list[str], pybind
 def build_cache_dir() -> Path | None:
     """Where built extensions are kept: ``$WANDA_KERNELS_CACHE/build`` (default
     ``~/.cache/wanda_kernels/build``); None when ``WANDA_KERNELS_BUILD_CACHE=0``."""
-    if os.environ.get(BUILD_CACHE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    root = Path(os.environ.get("WANDA_KERNELS_CACHE") or Path.home() / ".cache" / "wanda_kernels")
-    return root / "build"
+    return cache_root() / "build" if env_flag(BUILD_CACHE_ENV, default=True) else None
 
 
 def cached_extension(key: str, filename: str) -> Path | None:

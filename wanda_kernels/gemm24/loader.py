@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import json
 from pathlib import Path
 
 __all__ = ["extension", "extension_error", "built_archs", "runs_on", "sm90_built"]
@@ -43,20 +44,18 @@ def _distributions() -> list:
             if (d.metadata["Name"] or "").lower().replace("_", "-") == "wanda-kernels"]
 
 
-def _installed_extension() -> Path | None:
-    """The ``_C`` file of the installed distribution ``wanda-kernels``, if pip installed one."""
-    for dist in _distributions():
+def _installed_extension(dists: list) -> Path | None:
+    """The ``_C`` file that one of ``dists`` (installed ``wanda-kernels`` distributions) holds, if any."""
+    for dist in dists:
         for file in dist.files or []:
             if file.parent.name == "wanda_kernels" and file.name.startswith("_C.") and file.suffix in (".so", ".pyd"):
                 return Path(file.locate()).resolve()
     return None
 
 
-def _editable_install_of(root: Path) -> bool:
-    """Whether ``wanda-kernels`` is installed editable (``pip install -e``) from ``root``."""
-    import json
-
-    for dist in _distributions():
+def _editable_install_of(root: Path, dists: list) -> bool:
+    """Whether one of ``dists`` is an editable install (``pip install -e``) of ``root``."""
+    for dist in dists:
         try:
             info = json.loads(dist.read_text("direct_url.json") or "{}")
         except ValueError:
@@ -76,9 +75,12 @@ def _source_tree_message(package: Path | None = None) -> str | None:
     """
     package = package or Path(__file__).resolve().parents[1]
     root = package.parent
-    if not ((root / "setup.py").is_file() and (root / "csrc").is_dir()) or _editable_install_of(root):
+    if not ((root / "setup.py").is_file() and (root / "csrc").is_dir()):
         return None
-    installed = _installed_extension()
+    dists = _distributions()
+    if _editable_install_of(root, dists):
+        return None
+    installed = _installed_extension(dists)
     elsewhere = f"; the installed copy has it ({installed})" if installed and installed.parent != package else ""
     return (f"the extension wanda_kernels._C is not built in the source tree at {root}, which is what Python is "
             f"importing (Python was started in the checkout, or it is on PYTHONPATH){elsewhere}: run from another "

@@ -185,9 +185,10 @@ def load_compressed(path, *, device="cpu", verify: bool = True):
     if not manifest or manifest.get("format") != FORMAT_24:
         raise ValueError(f"{path} is not a wanda_kernels 2:4 compressed checkpoint (no {MANIFEST} with format "
                          f"{FORMAT_24!r})")
-    _check_version(path, manifest)
     if verify:
-        verify_checkpoint(path)
+        verify_checkpoint(path)  # checks the version too
+    else:
+        _check_version(path, manifest)
     dtype = _stored_dtype(path, manifest)
     config = transformers.AutoConfig.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -68,8 +68,9 @@ def _usage(exc: Exception, option: str | None = None) -> UsageError:
     return UsageError(f"{option}: {message}" if option else message)
 
 
-def _check_common(args) -> tuple[torch.device, Path]:
-    """Device, dtype, the text file and the model folder; returns the device and the model's folder."""
+def _check_common(args) -> tuple[torch.device, Path, str | None]:
+    """Device, dtype, the text file and the model folder: the device, the model's folder and the
+    --text file's content (read once, here; None for the built-in corpus)."""
     from . import data, models
 
     device = _device(args.device)
@@ -78,16 +79,17 @@ def _check_common(args) -> tuple[torch.device, Path]:
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive; got {value}")
+    text = None
     if args.text is not None:
         try:
-            data.read_text_file(args.text)
+            text = data.read_text_file(args.text)
         except (OSError, ValueError) as exc:
             raise _usage(exc, "--text") from None
     try:
         model_dir = models.resolve_model_path(args.model)
     except OSError as exc:
         raise _usage(exc, "--model") from None
-    return device, model_dir
+    return device, model_dir, text
 
 
 def _check_prune_options(args) -> None:
@@ -110,13 +112,14 @@ def _checked_path(check, path, **kwargs) -> None:
         raise _usage(exc) from None
 
 
-def _windows(args, tokenizer, split):
+def _windows(args, tokenizer, split, text):
+    """Token windows of ``split`` from --text's content (``text``), or from the built-in corpus when None."""
     from . import data
 
-    text = data.load_corpus(args.text, split=split)
+    corpus = data.load_corpus(split=split) if text is None else data.split_text(text, split)
     if split == "calib":
-        return data.sample_windows(tokenizer, text, args.nsamples, args.seqlen, seed=args.seed)
-    return data.eval_windows(tokenizer, text, args.seqlen, max_tokens=args.eval_tokens)
+        return data.sample_windows(tokenizer, corpus, args.nsamples, args.seqlen, seed=args.seed)
+    return data.eval_windows(tokenizer, corpus, args.seqlen, max_tokens=args.eval_tokens)
 
 
 # -- the commands -------------------------------------------------------------------------------
@@ -127,14 +130,14 @@ def cmd_prune(args) -> int:
     from .safe_io import check_output_dir, staged_dir
 
     _check_prune_options(args)
-    device, model_dir = _check_common(args)
+    device, model_dir, text = _check_common(args)
     _checked_path(check_output_dir, args.output, overwrite=args.overwrite, name="--output",
                   overwrite_hint="give --overwrite to replace it")
     dtype = _dtype(args.dtype, device)
 
     tok = models.load_tokenizer(model_dir)
-    calib = _windows(args, tok, "calib")
-    eval_windows = _windows(args, tok, "eval") if args.eval else None
+    calib = _windows(args, tok, "calib", text)
+    eval_windows = _windows(args, tok, "eval", text) if args.eval else None
     model, tok = models.load_model(model_dir, dtype=dtype, device=device, tokenizer=tok)
     log.info("calibration: %d x %d tokens", *calib.shape)
     report = pipeline.prune_model(model, calib, args.sparsity, pattern=args.pattern, method=args.method,
@@ -158,7 +161,7 @@ def cmd_prune(args) -> int:
 def cmd_eval(args) -> int:
     from . import checkpoint, evaluate, models
 
-    device, model_dir = _check_common(args)
+    device, model_dir, text = _check_common(args)
     compressed = checkpoint.is_compressed_checkpoint(model_dir)
     if checkpoint.has_manifest(model_dir):
         checkpoint.verify_checkpoint(model_dir)  # names a damaged file before anything is loaded
@@ -170,7 +173,7 @@ def cmd_eval(args) -> int:
     else:
         dtype = _dtype(args.dtype, device)
     tok = models.load_tokenizer(model_dir)
-    windows = _windows(args, tok, "eval")
+    windows = _windows(args, tok, "eval", text)
     if compressed:
         model, _ = checkpoint.load_compressed(model_dir, device=device, verify=False)  # verified above
     else:
@@ -186,20 +189,20 @@ def cmd_demo(args) -> int:
     from . import demo, models
     from .safe_io import check_writable_dir
 
-    device, model_dir = _check_common(args)
+    device, model_dir, text = _check_common(args)
     _checked_path(check_writable_dir, args.output_dir, name="--output-dir")
     dtype = _dtype(args.dtype, device)
     tok = models.load_tokenizer(model_dir)
-    calib = _windows(args, tok, "calib")
-    windows = _windows(args, tok, "eval")
+    calib = _windows(args, tok, "calib", text)
+    windows = _windows(args, tok, "eval", text)
     model, tok = models.load_model(model_dir, dtype=dtype, device=device, tokenizer=tok)
     n_params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"
-    text = "Emma" if args.text is None else Path(args.text).name
+    text_name = "Emma" if args.text is None else Path(args.text).name
     print(f"demo: {model_dir.name} ({type(model).__name__}, {n_params} parameters), "
           f"{dtype}, {device}; calibration {calib.shape[0]} x {calib.shape[1]} tokens from "
-          f"{'the other Austen novels' if args.text is None else f'the first 90% of {text}'}; evaluation "
-          f"{windows.numel()} tokens of {'Emma' if args.text is None else f'the last 10% of {text}'} in windows of "
-          f"{windows.shape[1]}")
+          f"{'the other Austen novels' if args.text is None else f'the first 90% of {text_name}'}; evaluation "
+          f"{windows.numel()} tokens of {'Emma' if args.text is None else f'the last 10% of {text_name}'} in "
+          f"windows of {windows.shape[1]}")
 
     def show(row):
         seconds = row["prune_seconds"]
@@ -210,7 +213,7 @@ def cmd_demo(args) -> int:
     print("\n" + demo.format_table(rows))
     info = {"model": model_dir.name, "device": str(device), "dtype": str(dtype), "nsamples": args.nsamples,
             "seqlen": args.seqlen, "seed": args.seed, "eval_tokens": int(windows.numel())}
-    json_path, png = demo.write_results(rows, args.output_dir, info, f"{model_dir.name} ({n_params}) on {text}")
+    json_path, png = demo.write_results(rows, args.output_dir, info, f"{model_dir.name} ({n_params}) on {text_name}")
     print(f"\nwrote {json_path}" + (f" and {png}" if png else " (no chart: pip install matplotlib)"))
     return 0
 

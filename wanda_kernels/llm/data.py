@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from .._env import cache_root
+
 __all__ = ["AUSTEN_NOVELS", "EVAL_NOVEL", "austen_dir", "austen_texts", "load_corpus", "sample_windows",
-           "eval_windows", "read_text_file"]
+           "eval_windows", "read_text_file", "split_text"]
 
 AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 EVAL_NOVEL = "emma"
@@ -27,11 +29,6 @@ _DATA_SUBDIR = Path("usr/lib/R/site-library/janeaustenr/data")
 _INSTALL_HINT = ("install it with `bash tools/install_assets.sh` (it unpacks Debian's r-cran-janeaustenr into "
                  "~/.cache/wanda_kernels/janeaustenr; no R needed), or `apt-get install r-cran-janeaustenr`, "
                  "or point WANDA_KERNELS_AUSTEN_DIR at the package's data/ folder")
-
-
-def cache_root() -> Path:
-    """Where converted models and unpacked data live: $WANDA_KERNELS_CACHE or ~/.cache/wanda_kernels."""
-    return Path(os.environ.get("WANDA_KERNELS_CACHE", Path.home() / ".cache" / "wanda_kernels"))
 
 
 def austen_dir() -> Path:
@@ -108,6 +105,18 @@ def read_text_file(text_file: str | Path) -> str:
     return text
 
 
+def _check_split(split: str) -> None:
+    if split not in ("calib", "eval"):
+        raise ValueError(f"split must be 'calib' or 'eval'; got {split!r}")
+
+
+def split_text(text: str, split: str) -> str:
+    """The calibration (first 90%) or evaluation (last 10%) part of a text."""
+    _check_split(split)
+    cut = int(len(text) * 0.9)
+    return text[:cut] if split == "calib" else text[cut:]
+
+
 def load_corpus(text_file: str | Path | None = None, *, split: str) -> str:
     """Calibration (``split="calib"``) or evaluation (``split="eval"``) text.
 
@@ -115,12 +124,9 @@ def load_corpus(text_file: str | Path | None = None, *, split: str) -> str:
     and the last 10% for evaluation. Without: the Austen novels, calibration on all but
     *Emma*, evaluation on *Emma*.
     """
-    if split not in ("calib", "eval"):
-        raise ValueError(f"split must be 'calib' or 'eval'; got {split!r}")
+    _check_split(split)
     if text_file is not None:
-        text = read_text_file(text_file)
-        cut = int(len(text) * 0.9)
-        return text[:cut] if split == "calib" else text[cut:]
+        return split_text(read_text_file(text_file), split)
     texts = austen_texts()
     if split == "eval":
         return texts[EVAL_NOVEL]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .data import cache_root
+from .._env import cache_root
 
 logger = logging.getLogger("wanda_kernels")
 
