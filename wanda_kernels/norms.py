@@ -89,6 +89,10 @@ class ActNormCollector:
         module_types: module classes to hook; default ``(nn.Linear,)``. Each module's
             input must be ``(..., in_features)`` with features last.
         backend: passed to :func:`accumulate_sq_norms_`.
+        per_call: keep each forward call's sums as a row of its own (fp32, summed from
+            zero), in :meth:`call_sq_norms`; :meth:`sq_norms` then sums the rows in fp64.
+            A call's terms then do not depend on the calls before it, which is what lets
+            ``prune_model`` spread the calls over processes and still sum them in one order.
     """
 
     def __init__(
@@ -98,18 +102,21 @@ class ActNormCollector:
         include: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
         module_types: tuple[type, ...] = (nn.Linear,),
         backend: str = "auto",
+        per_call: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
         check_choice("backend", backend, BACKENDS)
         self.model = model
         self.backend = backend
+        self.per_call = bool(per_call)
         self._modules = {name: mod for name, mod in model.named_modules()
                          if isinstance(mod, module_types) and _included(include, name, mod)}
         if not self._modules:
             raise ValueError(f"no module of type {[t.__name__ for t in module_types]} in the model matches "
                              f"include={include!r}")
         self._sq: dict[str, torch.Tensor] = {}
+        self._calls: dict[str, list[torch.Tensor]] = {}
         self._tokens: dict[str, int] = {}
         self._handles: list = []
 
@@ -134,10 +141,13 @@ class ActNormCollector:
     def _make_hook(self, name: str):
         def hook(module, args):
             x = args[0]
-            buf = self._sq.get(name)
+            buf = None if self.per_call else self._sq.get(name)
             if buf is None:
                 buf = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
-                self._sq[name] = buf
+                if self.per_call:
+                    self._calls.setdefault(name, []).append(buf)
+                else:
+                    self._sq[name] = buf
             accumulate_sq_norms_(buf, x, backend=self.backend)
             self._tokens[name] = self._tokens.get(name, 0) + x.numel() // max(1, x.shape[-1])
 
@@ -145,14 +155,26 @@ class ActNormCollector:
 
     def sq_norms(self) -> dict[str, torch.Tensor]:
         """``{name: (in_features,) float32}``: the accumulated ``sum_t x[t, j]**2``."""
+        if self.per_call:
+            return {name: rows.double().sum(dim=0).float() for name, rows in self.call_sq_norms().items()}
         return dict(self._sq)
+
+    def call_sq_norms(self) -> dict[str, torch.Tensor]:
+        """``{name: (calls, in_features) float32}``: each call's ``sum_t x[t, j]**2``, in call order.
+
+        Raises:
+            RuntimeError: the collector was made without ``per_call=True``.
+        """
+        if not self.per_call:
+            raise RuntimeError("call_sq_norms needs ActNormCollector(..., per_call=True)")
+        return {name: torch.stack(rows) for name, rows in self._calls.items()}
 
     def norms(self) -> dict[str, torch.Tensor]:
         """``{name: (in_features,) float32}``: ``||X_j||_2``, the square root of the sums.
 
         Modules that saw no input yet are absent.
         """
-        return {name: sq.sqrt() for name, sq in self._sq.items()}
+        return {name: sq.sqrt() for name, sq in self.sq_norms().items()}
 
     def num_tokens(self) -> dict[str, int]:
         """``{name: tokens seen}``, counted from shapes (no device sync)."""
@@ -161,6 +183,7 @@ class ActNormCollector:
     def reset(self) -> None:
         """Forget the accumulated sums (the hooks stay as they are)."""
         self._sq.clear()
+        self._calls.clear()
         self._tokens.clear()
 
 

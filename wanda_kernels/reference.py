@@ -288,10 +288,11 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
                      pattern: str = "unstructured", metric: str = "wanda", scope: str = "row") -> torch.Tensor:
     """Reference of :func:`wanda_kernels.prune_model` for ``nn.Linear`` layers, in place.
 
-    For each layer: run it on every calibration sample (one at a time) while summing
-    ``x**2`` over the tokens of every forward call into an fp32 buffer per linear,
-    prune each linear with :func:`prune` on ``sqrt`` of those sums, then run the layer
-    again to produce the next layer's inputs.
+    For each layer: run it on every calibration sample (one at a time), keeping the fp32
+    sum of ``x**2`` over the tokens of each forward call per linear; sum those per-call
+    rows in fp64 (the order-free sum that lets ``prune_model`` split the samples over
+    processes), prune each linear with :func:`prune` on ``sqrt`` of that, then run the
+    layer again to produce the next layer's inputs.
 
     Args:
         layers: the decoder layers, in order.
@@ -306,12 +307,12 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
     h = inputs
     for layer in layers:
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-        sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, list[torch.Tensor]] = {}
 
         def record(name, sums):
             def hook(module, args):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
-                sums[name] = sums[name] + (x * x).sum(dim=0) if name in sums else (x * x).sum(dim=0)
+                sums.setdefault(name, []).append((x * x).sum(dim=0))
             return hook
 
         handles = [m.register_forward_pre_hook(record(n, sums)) for n, m in linears.items()]
@@ -320,7 +321,7 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
         for handle in handles:
             handle.remove()
         for name, module in linears.items():
-            norms = sums[name].sqrt() if metric == "wanda" else None
+            norms = torch.stack(sums[name]).double().sum(dim=0).float().sqrt() if metric == "wanda" else None
             pruned, _ = prune(module.weight.data, norms, sparsity, pattern=pattern, metric=metric, scope=scope)
             module.weight.data.copy_(pruned)
         outs = [layer(h[j : j + 1], **layer_kwargs) for j in range(h.shape[0])]

@@ -3,6 +3,7 @@
     wanda-kernels demo                       # the main job on the built-in model and corpus (demo.py)
     wanda-kernels prune --model smollm2-135m --sparsity 0.5 --output pruned/
     wanda-kernels eval --model pruned/
+    torchrun --nproc-per-node 8 -m wanda_kernels prune ...   # calibration split over 8 processes
 
 Every option, path and device is checked before anything is loaded; a bad one exits
 with status 2 and one line on stderr, and creates or changes no file. A failure later
@@ -102,6 +103,8 @@ def _check_prune_options(args) -> None:
         raise _usage(exc) from None
     if args.compressed and args.pattern != "2:4":
         raise UsageError("--compressed needs --pattern 2:4")
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be positive; got {args.dist_timeout}")
 
 
 def _checked_path(check, path, **kwargs) -> None:
@@ -125,25 +128,59 @@ def _windows(args, tokenizer, split, text):
 # -- the commands -------------------------------------------------------------------------------
 
 
+def _join_process_group(args) -> tuple[torch.device, bool]:
+    """Under torchrun: join the process group (this rank's device) and quiet every rank but 0.
+
+    Returns ``(device, is rank 0 or the only process)``.
+    """
+    from . import distributed
+
+    try:
+        device = distributed.init_from_env(_device(args.device), args.dist_timeout)
+    except ValueError as exc:
+        raise _usage(exc) from None
+    main = distributed.is_main_process()
+    if not main:  # one copy of every line, warning and bar: rank 0's
+        logging.getLogger("wanda_kernels").setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")
+    return device, main
+
+
 def cmd_prune(args) -> int:
-    from . import checkpoint, evaluate, models, pipeline
-    from .safe_io import check_output_dir, staged_dir
+    from . import distributed
 
     _check_prune_options(args)
-    device, model_dir, text = _check_common(args)
-    _checked_path(check_output_dir, args.output, overwrite=args.overwrite, name="--output",
-                  overwrite_hint="give --overwrite to replace it")
-    dtype = _dtype(args.dtype, device)
+    device, main = _join_process_group(args)
+    try:
+        return _prune(args, device, main)
+    finally:
+        distributed.leave_process_group()
 
-    tok = models.load_tokenizer(model_dir)
-    calib = _windows(args, tok, "calib", text)
-    eval_windows = _windows(args, tok, "eval", text) if args.eval else None
-    model, tok = models.load_model(model_dir, dtype=dtype, device=device, tokenizer=tok)
+
+def _prune(args, device: torch.device, main: bool) -> int:
+    from . import checkpoint, distributed, evaluate, models, pipeline
+    from .safe_io import check_output_dir, staged_dir
+
+    # Under torchrun a step that fails on one rank (a file missing on one node, a GPU out of
+    # memory) ends every rank with that rank's error, instead of leaving them waiting.
+    with distributed.step("checking the command line and loading the model"):
+        _, model_dir, text = _check_common(args)
+        if main:  # only rank 0 writes
+            _checked_path(check_output_dir, args.output, overwrite=args.overwrite, name="--output",
+                          overwrite_hint="give --overwrite to replace it")
+        dtype = _dtype(args.dtype, device)
+        tok = models.load_tokenizer(model_dir)
+        calib = _windows(args, tok, "calib", text)
+        eval_windows = _windows(args, tok, "eval", text) if args.eval and main else None
+        model, tok = models.load_model(model_dir, dtype=dtype, device=device, tokenizer=tok)
     log.info("calibration: %d x %d tokens", *calib.shape)
     report = pipeline.prune_model(model, calib, args.sparsity, pattern=args.pattern, method=args.method,
                                   device=device)
+    if not main:
+        return 0
+    ranks = f" on {report.world_size} processes" if report.world_size > 1 else ""
     print(f"pruned {len(report.layers)} decoder layers ({args.method}, {args.pattern}) in "
-          f"{report.total_seconds:.1f} s, mean sparsity {report.overall_sparsity():.4f}")
+          f"{report.total_seconds:.1f} s{ranks}, mean sparsity {report.overall_sparsity():.4f}")
     # Everything goes into a sibling folder, renamed to --output once complete.
     with staged_dir(args.output, overwrite=args.overwrite, name="--output") as stage:
         print(f"writing the pruned model to {args.output}", flush=True)
@@ -265,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compressed", action="store_true", help="with --pattern 2:4, also write the 2:4 "
                     "compressed checkpoint (SparseLinear) to OUTPUT/compressed")
     sp.add_argument("--eval", action="store_true", help="report the perplexity after pruning")
+    sp.add_argument("--dist-timeout", type=float, default=1800, help="under torchrun: seconds a rank waits "
+                    "for the others at a collective before giving up (default 1800)")
     sp.set_defaults(func=cmd_prune)
 
     sp = sub.add_parser("eval", help="perplexity of a model", description="Perplexity over non-overlapping "
@@ -319,8 +358,14 @@ def main(argv=None) -> int:
     except Exception as exc:
         if args.verbose:
             raise
+        from .distributed import RankFailed, env_rank
+
+        if isinstance(exc, RankFailed) and exc.seen_by != 0:
+            return 1  # rank 0 says it, and the failing rank says its own
         usage = isinstance(exc, _USAGE_ERRORS)
-        print(f"wanda-kernels {args.command}: error: {_one_line(exc)}"
+        rank, world = env_rank()
+        rank = f" (rank {rank})" if world > 1 else ""
+        print(f"wanda-kernels {args.command}{rank}: error: {_one_line(exc)}"
               + ("" if usage else " (run with -v for the traceback)"), file=sys.stderr)
         return 2 if usage else 1
     finally:

@@ -13,10 +13,15 @@ ids, ``position_embeddings``...) are whatever the model passed to its first laye
 no model-name checks. Only linear layers inside decoder layers are pruned
 (``nn.Linear``, and GPT-2's ``Conv1D``, whose transposed weight is pruned as a view).
 
-Each method is one entry of :data:`METHODS`: what it collects while a layer runs, and
-how it prunes one linear with that. Every option and every linear's shape is checked
-before the first weight changes, and so is that every weight is finite (one read-back
-per model).
+Each method is one entry of :data:`METHODS`: what it collects while a layer runs, how
+the collected statistics of all calibration samples are combined, and how it prunes one
+linear with them. Every option and every linear's shape is checked before the first
+weight changes, and so is that every weight is finite (one read-back per model).
+
+Under ``torch.distributed`` (``torchrun``), each rank runs its share of the calibration
+samples through every layer; the statistics are combined so that the masks and weights
+are bit-identical to a one-process run; the linears are dealt to the ranks, each prunes
+its own and broadcasts them (:mod:`.distributed`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .._progress import progress_bar
 from .._validation import check_choice, check_positive_int
 from ..norms import ActNormCollector
 from ..prune import PruneSpec, apply_mask_, check_prunable, prune_spec
+from .distributed import Shard, current_shard
 from .sparsegpt import collect_hessians, sparsegpt_prune_
 
 logger = logging.getLogger("wanda_kernels")
@@ -60,6 +66,9 @@ class PruneReport:
     total_seconds: float = 0.0
     forward_seconds: float = 0.0  # calibration forwards (incl. Wanda's norm hooks)
     prune_seconds: float = 0.0  # mask selection and weight writes (and SparseGPT's solve)
+    world_size: int = 1  # processes that shared the calibration (torch.distributed ranks)
+    calib_tokens_per_rank: list[int] = field(default_factory=list)  # calibration tokens each rank ran
+    comm_seconds: float = 0.0  # combining statistics and broadcasting weights, incl. waits for other ranks
 
     def overall_sparsity(self) -> float:
         values = [v for layer in self.layers for v in layer.sparsity.values()]
@@ -156,21 +165,32 @@ def _layer_out(out):
 
 
 def _collect_norms(layer: nn.Module, linears: dict[str, nn.Module], run: Callable[[], None], backend: str) -> dict:
-    """Wanda: ``{name: ||X_j||_2}`` (fp32 ``(in_features,)``) of every linear's inputs over the run."""
+    """Wanda: ``{name: (calls, in_features) fp32}``, each forward call's ``sum_t x[t, j]**2``."""
     names = set(linears)
     types = tuple({type(m) for m in linears.values()})
-    with ActNormCollector(layer, include=lambda n, m: n in names, module_types=types, backend=backend) as col:
+    with ActNormCollector(layer, include=lambda n, m: n in names, module_types=types, backend=backend,
+                          per_call=True) as col:
         run()
-    norms = col.norms()
-    missing = names - set(norms)
+    rows = col.call_sq_norms()
+    missing = names - set(rows)
     if missing:
         raise RuntimeError(f"linear layers {sorted(missing)} saw no input during calibration")
-    return norms
+    return rows
+
+
+def _combine_norms(rows: dict, shard: Shard) -> dict:
+    """``{name: ||X_j||_2}`` (fp32 ``(in_features,)``) over every rank's calls, in sample order."""
+    return {name: shard.sum_rows(r).sqrt_() for name, r in rows.items()}
 
 
 def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Module], run: Callable[[], None], backend: str) -> dict:
-    """SparseGPT: ``{name: X^T X}`` (fp32 ``(in, in)``) of every linear's inputs over the run."""
+    """SparseGPT: ``{name: X^T X}`` (fp64 ``(in, in)``) of every linear's inputs over the run."""
     return collect_hessians(linears, run)
+
+
+def _combine_hessians(hessians: dict, shard: Shard) -> dict:
+    """The Hessians summed over the ranks (fp64, in place)."""
+    return {name: shard.sum_fp64(h) for name, h in hessians.items()}
 
 
 def _prune_by_score(weight: torch.Tensor, norms: torch.Tensor | None, spec: PruneSpec) -> None:
@@ -183,18 +203,26 @@ def _prune_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, spec: PruneSpe
 
 @dataclass(frozen=True)
 class Method:
-    """A pruning method: ``collect(layer, linears, run, backend) -> {name: stats}`` (None: needs no
-    activations) and ``prune(weight (out, in), stats of that linear or None, spec)``, in place."""
+    """A pruning method.
+
+    * ``collect(layer, linears, run, backend) -> {name: stats}``: this process's statistics
+      while ``run()`` runs its calibration samples through the layer (None: needs no
+      activations);
+    * ``combine(stats, shard) -> {name: stats}``: the statistics of every sample over all
+      ranks (the only step with collectives), the same bits for any number of ranks;
+    * ``prune(weight (out, in), stats of that linear or None, spec)``, in place.
+    """
 
     collect: Callable | None
     prune: Callable[[torch.Tensor, torch.Tensor | None, PruneSpec], None]
+    combine: Callable[[dict, Shard], dict] | None = None
     metric: str = "wanda"  # the score of the mask selection, for methods that select by score
 
 
 METHODS: dict[str, Method] = {
-    "wanda": Method(collect=_collect_norms, prune=_prune_by_score),
+    "wanda": Method(collect=_collect_norms, combine=_combine_norms, prune=_prune_by_score),
     "magnitude": Method(collect=None, prune=_prune_by_score, metric="magnitude"),
-    "sparsegpt": Method(collect=_collect_hessians, prune=_prune_sparsegpt),
+    "sparsegpt": Method(collect=_collect_hessians, combine=_combine_hessians, prune=_prune_sparsegpt),
 }
 
 
@@ -229,14 +257,23 @@ def prune_model(
             decoder layer being pruned is moved to the GPU (and back), with the calibration
             activations, so models larger than the GPU can be pruned. Default: each layer's
             own device (also for models spread by accelerate's ``device_map``).
-        progress: show a tqdm bar over the layers.
+        progress: show a tqdm bar over the layers (on rank 0 only when distributed).
+
+    Distributed: with an initialised ``torch.distributed`` group of two or more ranks
+    (``torchrun``), call it on every rank with the same model and ``calib``: each rank runs
+    its contiguous share of the samples (``device``: its own GPU with NCCL), and every
+    rank ends with the same pruned model, bit-identical to a one-process run
+    (:mod:`wanda_kernels.llm.distributed`). Only rank 0 shows progress and logs.
 
     Returns:
-        A :class:`PruneReport` with the sparsity reached per linear and the time per layer.
+        A :class:`PruneReport` with the sparsity reached per linear, the time per layer,
+        and the world size and each rank's calibration tokens.
 
     Raises:
         ValueError, TypeError: a bad option, a linear that cannot take the pattern, or a
-            weight holding NaN or Inf (all named); then no weight has changed.
+            weight holding NaN or Inf (all named); then no weight has changed. Also when
+            ranks were given different ``calib``, or fewer samples than ranks.
+        RankFailed: distributed, another rank raised (its rank and message are named).
     """
     check_choice("method", method, tuple(METHODS))
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
@@ -254,15 +291,21 @@ def prune_model(
     spec = prune_spec(sparsity, pattern, chosen.metric, scope or "row", backend)
     device = torch.device(device) if device is not None else None
     layers_name, layers = find_decoder_layers(model)
-    _check_weights(layers_name, layers, spec)  # every linear, before any is touched
+    shard = current_shard(calib.shape[0], device)
+    if shard.distributed:
+        shard.check_same("calib (the calibration token ids)", _fingerprint(calib))
+    with shard.step("checking the weights"):
+        _check_weights(layers_name, layers, spec)  # every linear, before any is touched
 
     t_start = time.perf_counter()
     report = PruneReport(method=method, pattern=pattern, sparsity=spec.sparsity, nsamples=calib.shape[0],
-                         seqlen=calib.shape[1])
+                         seqlen=calib.shape[1], world_size=shard.world_size,
+                         calib_tokens_per_rank=[n * calib.shape[1] for n in shard.samples_per_rank()])
     inps = kwargs = None
     if chosen.collect is not None:
         t0 = time.perf_counter()
-        inps, kwargs = capture_layer_inputs(model, layers[0], calib, device)
+        with shard.step("capturing the first decoder layer's inputs"):
+            inps, kwargs = capture_layer_inputs(model, layers[0], calib[shard.start : shard.stop], device)
         report.forward_seconds += time.perf_counter() - t0
 
     # Read back once, after the last layer: zeros per linear, and whether any collected
@@ -270,7 +313,7 @@ def prune_model(
     # per-layer path waits for the GPU except the phase timings (_synchronize).
     zeros: list[tuple[LayerReport, str, int, torch.Tensor]] = []  # (report, linear, numel, zero count)
     nonfinite: list[tuple[int, torch.Tensor]] = []
-    bar = progress_bar(layers, progress, f"{method} {pattern}")
+    bar = progress_bar(layers, progress and shard.is_main, f"{method} {pattern}")
     for index, layer in enumerate(bar):
         t_layer = time.perf_counter()
         home = _first_device(layer)
@@ -280,21 +323,35 @@ def prune_model(
         linears = linear_layers(layer)
         stats: dict = {}
         if chosen.collect is not None:
-            inps, kw = inps.to(work), _to(kwargs, work)
             t0 = time.perf_counter()
-            stats = chosen.collect(layer, linears, functools.partial(_run_layer, layer, inps, kw), backend)
-            _synchronize(work)
+            with shard.step(f"calibrating decoder layer {index}"):
+                inps, kw = inps.to(work), _to(kwargs, work)
+                stats = chosen.collect(layer, linears, functools.partial(_run_layer, layer, inps, kw), backend)
+                _synchronize(work)
             report.forward_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            stats = chosen.combine(stats, shard)
+            _synchronize(work)
+            report.comm_seconds += time.perf_counter() - t0
             nonfinite.append((index, torch.stack([~torch.isfinite(v).all() for v in stats.values()]).any()))
         t0 = time.perf_counter()
-        for name, mod in linears.items():
-            chosen.prune(_linear_weight(mod), stats.get(name), spec)
-        _synchronize(work)
+        owners = shard.owners([mod.weight.numel() for mod in linears.values()])
+        with shard.step(f"pruning decoder layer {index}"):
+            for (name, mod), owner in zip(linears.items(), owners):
+                if owner == shard.rank:  # each linear is pruned by one rank, then broadcast
+                    chosen.prune(_linear_weight(mod), stats.get(name), spec)
+            _synchronize(work)
         report.prune_seconds += time.perf_counter() - t0
+        if shard.distributed:
+            t0 = time.perf_counter()
+            shard.broadcast_([mod.weight.data for mod in linears.values()], owners)
+            _synchronize(work)
+            report.comm_seconds += time.perf_counter() - t0
         if chosen.collect is not None:
             t0 = time.perf_counter()
-            inps = _run_layer(layer, inps, kw)  # the next layer sees the pruned layer's outputs
-            _synchronize(work)
+            with shard.step(f"running pruned decoder layer {index}"):
+                inps = _run_layer(layer, inps, kw)  # the next layer sees the pruned layer's outputs
+                _synchronize(work)
             report.forward_seconds += time.perf_counter() - t0
         layer_report = LayerReport(index=index, seconds=time.perf_counter() - t_layer, sparsity={})
         report.layers.append(layer_report)
@@ -306,15 +363,23 @@ def prune_model(
     for (layer_report, name, numel, _), count in zip(zeros, _to_host([c for *_, c in zeros])):
         layer_report.sparsity[name] = count / numel
     bad = [index for (index, _), flag in zip(nonfinite, _to_host([f for _, f in nonfinite])) if flag]
-    if bad:
+    if bad and shard.is_main:
         warnings.warn(f"decoder layers {bad} saw non-finite activations during calibration (overflow in "
                       f"{next(iter(model.parameters())).dtype}?): the statistics their masks were chosen from are "
                       "not finite, so those masks are not meaningful",
                       RuntimeWarning, stacklevel=2)
     report.total_seconds = time.perf_counter() - t_start
-    logger.info("pruned %d decoder layers (%s, %s) in %.1f s; mean sparsity %.4f", len(layers), method, pattern,
-                report.total_seconds, report.overall_sparsity())
+    if shard.is_main:
+        logger.info("pruned %d decoder layers (%s, %s) in %.1f s on %d process%s; mean sparsity %.4f", len(layers),
+                    method, pattern, report.total_seconds, shard.world_size, "es" if shard.world_size > 1 else "",
+                    report.overall_sparsity())
     return report
+
+
+def _fingerprint(calib: torch.Tensor) -> list[int]:
+    """Integers that differ, short of a collision, when two ranks' token ids differ (one read-back)."""
+    weights = torch.arange(1, calib.numel() + 1, device=calib.device).view_as(calib)
+    return [*calib.shape, *torch.stack([calib.sum(), (calib * weights).sum()]).tolist()]
 
 
 def _check_weights(layers_name: str, layers: nn.ModuleList, spec: PruneSpec) -> None:

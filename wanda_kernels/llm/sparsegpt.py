@@ -22,14 +22,21 @@ __all__ = ["sparsegpt_prune_", "collect_hessians"]
 
 @torch.no_grad()
 def collect_hessians(linears: dict[str, nn.Module], run: Callable[[], object]) -> dict[str, torch.Tensor]:
-    """``{name: X^T X}``: fp32 ``(in, in)`` sums over every token each linear sees while ``run()`` runs."""
+    """``{name: X^T X}``: fp64 ``(in, in)`` sums over every token each linear sees while ``run()`` runs.
+
+    Each forward call's ``X^T X`` is computed in fp32 and added to an fp64 sum: exact for
+    any order of the calls unless an entry's terms span more than about ``2**(29 - log2
+    calls)``, so calibration split over processes sums to the same bits (see
+    :mod:`.distributed`).
+    """
     hessians: dict[str, torch.Tensor] = {}
     handles = []
     for name, mod in linears.items():
         def hook(module, args, name=name):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
+            term = x.t() @ x
             h = hessians.get(name)
-            hessians[name] = x.t() @ x if h is None else h.addmm_(x.t(), x)
+            hessians[name] = term.double() if h is None else h.add_(term)
         handles.append(mod.register_forward_pre_hook(hook))
     try:
         run()
@@ -46,13 +53,14 @@ def sparsegpt_prune_(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
 
     Args:
         weight: ``(out, in)`` floating, any device/strides (a ``.t()`` view works).
-        hessian: ``(in, in)`` fp32 ``sum_t x_t x_t^T`` (any positive scale) on the same device.
+        hessian: ``(in, in)`` fp32 or fp64 ``sum_t x_t x_t^T`` (any positive scale) on the same
+            device; the solve runs in fp32.
         sparsity: fraction per row (ignored with ``nm``).
         nm: ``(N, M)`` to keep N of every M, or None for unstructured.
     """
     rows, cols = weight.shape
     W = weight.float().clone()
-    H = hessian.float().clone()
+    H = hessian.to(torch.float32, copy=True)
     dead = torch.diag(H) == 0  # inputs never active: any value works, keep H invertible
     H[dead, dead] = 1.0
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
