@@ -134,3 +134,21 @@ def test_results_never_overwrite_an_earlier_run(tmp_path):
     assert first.name == "ppl_table_amd-epyc_2026-11-23.json" and second.name == "ppl_table_amd-epyc_2026-11-23-2.json"
     assert committed.read_text() == "committed" and json.loads(first.read_text())["results"] == [{"a": 1}]
     assert json.loads(second.read_text())["results"] == [{"a": 2}]
+
+
+def test_prune_distributed_smoke(tmp_path):
+    from test_pipeline import _assets_or_skip
+
+    _assets_or_skip()
+    proc = _run("prune_distributed.py", "--layers", "2", "--nsamples", "3", "--seqlen", "16", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pruned weights bit-identical across world sizes [1, 2]" in proc.stdout
+    (result,) = tmp_path.glob("prune_distributed_*.json")
+    data = json.loads(result.read_text())
+    assert data["environment"]["backend"] == "gloo" and data["environment"]["model"] == "SmolLM2-135M-Instruct"
+    one, two = data["results"]
+    assert (one["world_size"], two["world_size"]) == (1, 2) and one["layers"] == two["layers"] == 2
+    assert one["calib_tokens_per_rank"] == [48] and two["calib_tokens_per_rank"] == [16, 32]
+    assert one["weights_sha256"] == two["weights_sha256"] and len(two["per_rank"]) == 2
+    assert two["speedup_vs_first"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"])
+    assert all(r["tokens_per_s"] == pytest.approx(48 / r["seconds"]) for r in (one, two))
