@@ -182,7 +182,7 @@ def test_smollm2_first_layers_prune_bit_identically_on_two_ranks(tmp_path):
     calib = data.sample_windows(tok, data.load_corpus(split="calib"), 5, 64, seed=0)
     path = tmp_path / "calib-smol.pt"
     torch.save(calib, path)
-    configs = [("wanda", "unstructured"), ("wanda", "2:4"), ("sparsegpt", "2:4")]
+    configs = [("wanda", "unstructured"), ("wanda", "2:4"), ("magnitude", "unstructured"), ("sparsegpt", "2:4")]
     with _one_thread():
         single = _dist_worker.prune_configs("smol:2", calib, configs)
     records, codes = _launch(tmp_path, 2, {"kind": "equal", "model": "smol:2", "calib": str(path), "configs": configs})

@@ -364,8 +364,8 @@ def main(argv=None) -> int:
             return 1  # rank 0 says it, and the failing rank says its own
         usage = isinstance(exc, _USAGE_ERRORS)
         rank, world = env_rank()
-        rank = f" (rank {rank})" if world > 1 else ""
-        print(f"wanda-kernels {args.command}{rank}: error: {_one_line(exc)}"
+        where = f" (rank {rank})" if world > 1 else ""
+        print(f"wanda-kernels {args.command}{where}: error: {_one_line(exc)}"
               + ("" if usage else " (run with -v for the traceback)"), file=sys.stderr)
         return 2 if usage else 1
     finally:
