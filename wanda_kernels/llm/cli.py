@@ -69,13 +69,14 @@ def _usage(exc: Exception, option: str | None = None) -> UsageError:
     return UsageError(f"{option}: {message}" if option else message)
 
 
-def _check_common(args) -> tuple[torch.device, Path, str | None]:
-    """Device, dtype, the text file and the model folder: the device, the model's folder and the
-    --text file's content (read once, here; None for the built-in corpus)."""
+def _check_common(args, device: torch.device | None = None) -> tuple[torch.device, torch.dtype, Path, str | None]:
+    """Device, dtype, the text file and the model folder, each checked once: the device (``device``
+    when the caller has resolved it already), the dtype, the model's folder and the --text file's
+    content (read once, here; None for the built-in corpus)."""
     from . import data, models
 
-    device = _device(args.device)
-    _dtype(args.dtype, device)
+    device = device or _device(args.device)
+    dtype = _dtype(args.dtype, device)
     for name in ("nsamples", "seqlen", "eval_tokens"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
@@ -90,7 +91,7 @@ def _check_common(args) -> tuple[torch.device, Path, str | None]:
         model_dir = models.resolve_model_path(args.model)
     except OSError as exc:
         raise _usage(exc, "--model") from None
-    return device, model_dir, text
+    return device, dtype, model_dir, text
 
 
 def _check_prune_options(args) -> None:
@@ -164,11 +165,10 @@ def _prune(args, device: torch.device, main: bool) -> int:
     # Under torchrun a step that fails on one rank (a file missing on one node, a GPU out of
     # memory) ends every rank with that rank's error, instead of leaving them waiting.
     with distributed.step("checking the command line and loading the model"):
-        _, model_dir, text = _check_common(args)
+        _, dtype, model_dir, text = _check_common(args, device)
         if main:  # only rank 0 writes
             _checked_path(check_output_dir, args.output, overwrite=args.overwrite, name="--output",
                           overwrite_hint="give --overwrite to replace it")
-        dtype = _dtype(args.dtype, device)
         tok = models.load_tokenizer(model_dir)
         calib = _windows(args, tok, "calib", text)
         eval_windows = _windows(args, tok, "eval", text) if args.eval and main else None
@@ -198,7 +198,7 @@ def _prune(args, device: torch.device, main: bool) -> int:
 def cmd_eval(args) -> int:
     from . import checkpoint, evaluate, models
 
-    device, model_dir, text = _check_common(args)
+    device, dtype, model_dir, text = _check_common(args)
     compressed = checkpoint.is_compressed_checkpoint(model_dir)
     if checkpoint.has_manifest(model_dir):
         checkpoint.verify_checkpoint(model_dir)  # names a damaged file before anything is loaded
@@ -207,8 +207,6 @@ def cmd_eval(args) -> int:
         if args.dtype != "auto" and DTYPES[args.dtype] != stored:
             raise UsageError(f"--dtype {args.dtype}: {model_dir} is a 2:4 compressed checkpoint stored in "
                              f"{str(stored).replace('torch.', '')}; leave --dtype auto")
-    else:
-        dtype = _dtype(args.dtype, device)
     tok = models.load_tokenizer(model_dir)
     windows = _windows(args, tok, "eval", text)
     if compressed:
@@ -226,9 +224,8 @@ def cmd_demo(args) -> int:
     from . import demo, models
     from .safe_io import check_writable_dir
 
-    device, model_dir, text = _check_common(args)
+    device, dtype, model_dir, text = _check_common(args)
     _checked_path(check_writable_dir, args.output_dir, name="--output-dir")
-    dtype = _dtype(args.dtype, device)
     tok = models.load_tokenizer(model_dir)
     calib = _windows(args, tok, "calib", text)
     windows = _windows(args, tok, "eval", text)
