@@ -125,13 +125,19 @@ def _stored_dtype(path: Path, manifest: dict) -> torch.dtype:
     return dtype
 
 
+def _compressed_manifest(path: Path) -> dict:
+    """The manifest of a 2:4 compressed checkpoint; ValueError when ``path`` is not one."""
+    manifest = _manifest(path)
+    if not manifest or manifest.get("format") != FORMAT_24:
+        raise ValueError(f"{path} is not a wanda_kernels 2:4 compressed checkpoint (no {MANIFEST} with format "
+                         f"{FORMAT_24!r})")
+    return manifest
+
+
 def stored_dtype(path) -> torch.dtype:
     """The dtype a 2:4 compressed checkpoint is stored (and loaded) in."""
     path = Path(path)
-    manifest = _manifest(path)
-    if not manifest or manifest.get("format") != FORMAT_24:
-        raise ValueError(f"{path} is not a wanda_kernels 2:4 compressed checkpoint")
-    return _stored_dtype(path, manifest)
+    return _stored_dtype(path, _compressed_manifest(path))
 
 
 def has_manifest(path) -> bool:
@@ -181,10 +187,7 @@ def load_compressed(path, *, device="cpu", verify: bool = True):
     from safetensors.torch import load_model
 
     path = Path(path)
-    manifest = _manifest(path)
-    if not manifest or manifest.get("format") != FORMAT_24:
-        raise ValueError(f"{path} is not a wanda_kernels 2:4 compressed checkpoint (no {MANIFEST} with format "
-                         f"{FORMAT_24!r})")
+    manifest = _compressed_manifest(path)
     if verify:
         verify_checkpoint(path)  # checks the version too
     else:

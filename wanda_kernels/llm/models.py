@@ -96,7 +96,7 @@ def load_model(name_or_path=None, *, dtype: torch.dtype = torch.float32, device:
     transformers = _require_transformers()
     path = resolve_model_path(name_or_path)
     if tokenizer is None:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.config.use_cache = False
     return model.to(device).eval(), tokenizer
