@@ -13,18 +13,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
-
-
-def tiny_llama():
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**TINY)).eval()
-    model.config.use_cache = False
-    return model
+from test_pipeline import pruned_weights, tiny_model
 
 
 def smollm2_layers(keep: int):
@@ -37,15 +26,7 @@ def smollm2_layers(keep: int):
 
 
 def make_model(spec: str):
-    return tiny_llama() if spec == "tiny" else smollm2_layers(int(spec.split(":")[1]))
-
-
-def pruned_weights(model) -> dict[str, torch.Tensor]:
-    from wanda_kernels.llm import pipeline
-
-    _, layers = pipeline.find_decoder_layers(model)
-    return {f"{i}.{n}": pipeline._linear_weight(m).clone() for i, layer in enumerate(layers)
-            for n, m in pipeline.linear_layers(layer).items()}
+    return tiny_model("llama") if spec == "tiny" else smollm2_layers(int(spec.split(":")[1]))
 
 
 def prune_configs(model_spec: str, calib: torch.Tensor, configs, device=None) -> dict:
@@ -57,7 +38,8 @@ def prune_configs(model_spec: str, calib: torch.Tensor, configs, device=None) ->
     for method, pattern in configs:
         model = make_model(model_spec)
         report = pipeline.prune_model(model, calib, pattern=pattern, method=method, progress=False, device=device)
-        results[(method, pattern)] = (pruned_weights(model), report.to_dict())
+        weights = {name: w.clone() for name, w in pruned_weights(model).items()}  # saved apart from the model
+        results[(method, pattern)] = (weights, report.to_dict())
     return results
 
 

@@ -30,12 +30,13 @@ TEXT = "It is a truth universally acknowledged, that a single man in possession 
        "neighbourhood, this truth is so well fixed in the minds of the surrounding families. " * 60
 
 
-def _cli(*args, cwd=None, warnings_on=False):
-    env = dict(os.environ)
+def _cli(*args, cwd=None, warnings_on=False, launcher=(), env=None):
+    """``python [launcher...] -m wanda_kernels args...`` (launcher: e.g. torch.distributed.run's options)."""
+    env = {**os.environ, **(env or {})}
     if not warnings_on:
         env["PYTHONWARNINGS"] = "ignore"
-    return subprocess.run([sys.executable, "-m", "wanda_kernels", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=900, cwd=cwd)
+    return subprocess.run([sys.executable, *launcher, "-m", "wanda_kernels", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=900, cwd=cwd)
 
 
 def _snapshot(folder: Path) -> dict:

@@ -12,9 +12,6 @@ differ between 1 and 2 threads in one process), as a GPU kernel's may on another
 import contextlib
 import json
 import multiprocessing as mp
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -23,7 +20,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import _dist_worker  # noqa: E402
-from test_cli import model_dir, text_file  # noqa: E402, F401  (fixtures: a tiny LLaMA folder and a text)
+from test_cli import _cli, model_dir, text_file  # noqa: E402, F401  (fixtures: a tiny LLaMA folder and a text)
 from test_pipeline import _assets_or_skip  # noqa: E402
 
 from wanda_kernels import ActNormCollector  # noqa: E402
@@ -238,20 +235,20 @@ def test_fewer_samples_than_ranks_is_refused(tmp_path):
 # -- the command under torchrun -------------------------------------------------------------------
 
 
+TORCHRUN_2 = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone")
+
+
 def _prune_cli(launcher, model, text, out):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")  # torchrun's default per rank
-    cmd = [*launcher, "-m", "wanda_kernels", "prune", "--model", str(model), "--text", str(text), "--nsamples", "5",
-           "--seqlen", "32", "--device", "cpu", "--output", str(out)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return _cli("prune", "--model", model, "--text", text, "--nsamples", 5, "--seqlen", 32, "--device", "cpu",
+                "--output", out, launcher=launcher, env={"OMP_NUM_THREADS": "1"})  # torchrun's default per rank
 
 
 def test_cli_under_torchrun_writes_once_what_one_process_writes(tmp_path, model_dir, text_file):  # noqa: F811
     from safetensors.torch import load_file
 
-    one = _prune_cli([sys.executable], model_dir, text_file, tmp_path / "one")
+    one = _prune_cli((), model_dir, text_file, tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _prune_cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"],
-                     model_dir, text_file, tmp_path / "two")
+    two = _prune_cli(TORCHRUN_2, model_dir, text_file, tmp_path / "two")
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("pruned 2 decoder layers (wanda, unstructured)") == 1  # rank 0 only
     assert "on 2 processes" in two.stdout and "on 2 processes" not in one.stdout
@@ -285,8 +282,7 @@ def test_cli_under_torchrun_a_refusal_on_rank_0_ends_both_ranks(tmp_path, model_
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = _prune_cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"],
-                      model_dir, text_file, out)
+    proc = _prune_cli(TORCHRUN_2, model_dir, text_file, out)
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("wanda-kernels prune")]
     # Only rank 0 checks --output (it alone writes); rank 1 learns of it and stops without a line of its own.
