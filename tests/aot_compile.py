@@ -19,7 +19,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from wanda_kernels.kernels import act_norms, prune_compress, wanda_mask  # noqa: E402
+from wanda_kernels.bitmap import CHUNK_COLS  # noqa: E402
+from wanda_kernels.kernels import act_norms, bitmap_matmul, prune_compress, wanda_mask  # noqa: E402
 
 TORCH_TO_TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -47,6 +48,17 @@ def variants():
             for meta_sm90 in (False, True):
                 const = {"USE_NORMS": True, "META_SM90": meta_sm90, "BLOCK_E": prune_compress._BLOCK_E}
                 yield "prune_compress_24_kernel", prune_compress.prune_compress_24_kernel, sig, const, 4
+            # Every launch configuration (token regimes 1, 2, 3-4, 5-16, more), split and not.
+            for tokens, split in ((1, True), (2, True), (4, False), (16, True), (64, False)):
+                cfg = dict(bitmap_matmul.config_for(tokens))
+                warps = cfg.pop("num_warps")
+                sig = {"x_ptr": f"*{dt}", "values_ptr": f"*{dt}", "bitmap_ptr": "*i32", "chunks_ptr": "*i32",
+                       "bias_ptr": f"*{dt}", "y_ptr": "*fp32" if split else f"*{dt}", "n_tokens": "i32",
+                       "n_rows": "i32", "n_cols": "i32", "chunks_per_split": "i32", "stride_xt": "i64",
+                       "stride_xk": "i64", "stride_br": "i64", "stride_cr": "i64"}
+                const = {"HAS_BIAS": not split, "SPLIT_OUT": split, "DOT_IN_FP32": False, **cfg,
+                         "ITERS": CHUNK_COLS // cfg["BLOCK_K"], "CHUNK": CHUNK_COLS}
+                yield "bitmap_linear_kernel", bitmap_matmul.bitmap_linear_kernel, sig, const, warps
 
 
 def main():

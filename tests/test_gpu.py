@@ -356,3 +356,84 @@ def test_sm90_cutlass_compressor_and_our_conversion_decode_the_same(m, k, dtype)
     # Valid codes of groups with < 2 non-zeros differ between the two compressors:
     # compare decoded matrices (value equality, -0.0 == 0.0).
     assert torch.equal(theirs, ours) and torch.equal(ours, w)
+
+
+# ---------------------------------------------------------------------------
+# The bitmap format's Triton kernel (unstructured sparsity)
+
+
+def _bitmap_layer(out_f, in_f, dtype, sparsity=0.5, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias, device="cuda", dtype=dtype)
+    wk.prune_(lin, torch.rand(in_f, device="cuda") + 0.1, sparsity)
+    return lin, wk.BitmapLinear.from_linear(lin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("out_f", "in_f"), [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 8192), (100, 200)])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 13, 16, 128, 2048])
+def test_bitmap_linear_error_within_twice_dense(out_f, in_f, tokens, dtype):
+    lin, bl = _bitmap_layer(out_f, in_f, dtype)
+    assert bl.kernel() == "triton bitmap" and bl.row_offsets is None
+    x = torch.randn(tokens, in_f, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+        dense_err = (lin(x).float() - ref).abs().max()
+        y = bl(x)
+    assert y.shape == (tokens, out_f) and y.is_contiguous()
+    # Both round an fp32 accumulation of the same exact products to dtype; order differs.
+    assert (y.float() - ref).abs().max() <= 2 * dense_err + 1e-6
+
+
+def test_bitmap_linear_unequal_rows_on_gpu_equals_the_reference():
+    torch.manual_seed(0)
+    w = torch.randn(300, 3000, device="cuda", dtype=torch.float16)
+    mask = torch.rand(300, 3000, device="cuda") < 0.4
+    bl = wk.BitmapLinear.from_dense(w, None, mask)
+    assert bl.row_offsets is not None
+    x = torch.randn(5, 3000, device="cuda", dtype=torch.float16)
+    ref = reference.bitmap_linear(x.cpu(), bl.values.cpu(), bl.bitmap.cpu(), None, bl.row_offsets.cpu())
+    torch.testing.assert_close(bl(x).float().cpu(), ref, rtol=2e-3, atol=2e-2)
+
+
+def test_bitmap_linear_direct_path_equals_the_op_never_syncs_and_replays_in_a_graph():
+    lin, bl = _bitmap_layer(11008, 4096, torch.float16)
+    for tokens in (1, 16, 300):
+        x = torch.randn(tokens, 4096, device="cuda", dtype=torch.float16)
+        bl(x)  # compile and warm up outside the check
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.no_grad():
+                direct = bl(x)
+            via_op = torch.ops.wanda_kernels.bitmap_linear(x, bl.values, bl.bitmap, bl.chunks, bl.bias, "auto")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(direct, via_op), tokens
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            bl(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = bl(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, bl(x)), tokens
+
+
+def test_bitmap_sparsify_and_compile_on_gpu():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 11008), torch.nn.SiLU(), torch.nn.Linear(11008, 4096))
+    model = model.cuda().half()
+    for lin in (model[0], model[2]):
+        wk.prune_(lin, torch.rand(lin.in_features, device="cuda") + 0.1, 0.5)
+    x = torch.randn(2, 7, 4096, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        expected = model(x)
+        assert wk.sparsify_(model, format="bitmap") == ["0", "2"]
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(eager, expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)  # see test_sparse_linear_compiles_and_batches

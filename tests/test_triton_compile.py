@@ -29,7 +29,9 @@ def test_all_kernels_compile_for_sm80_and_sm90():
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     kernels = {(r["kernel"], r["arch"]) for r in rows}
-    for name in ("wanda_mask_kernel", "wanda_nm_mask_kernel", "sq_norms_kernel", "prune_compress_24_kernel"):
+    for name in ("wanda_mask_kernel", "wanda_nm_mask_kernel", "sq_norms_kernel", "prune_compress_24_kernel",
+                 "bitmap_linear_kernel"):
         assert {(name, 80), (name, 90)} <= kernels
-    assert len(rows) == 2 * (3 * (3 + 4 + 1) + 2 * 2)  # archs x (dtypes x variants + 2:4 dtypes x layouts)
+    # archs x (dtypes x variants + 16-bit dtypes x (2:4 layouts + bitmap launch configurations))
+    assert len(rows) == 2 * (3 * (3 + 4 + 1) + 2 * (2 + 5))
     assert all(r["cubin_bytes"] > 0 and r["ptx_bytes"] > 0 for r in rows)

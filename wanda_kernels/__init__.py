@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+from .bitmap import compress_bitmap, decompress_bitmap
+from .bitmap_linear import BitmapLinear
 from .llm.pipeline import PruneReport, prune_model
 from .norms import ActNormCollector, accumulate_sq_norms_
 from .prune import prune_, prune_mask
@@ -22,7 +24,8 @@ from .sparse24 import (
     padded_shape,
     prune_compress_24,
 )
-from .sparse_linear import SparseLinear, sparsify_
+from .sparse_linear import SparseLinear
+from .sparsify import sparsify_
 
 __version__ = "0.1.0"
 
@@ -38,6 +41,9 @@ __all__ = [
     "meta_sm90_to_sm80",
     "padded_shape",
     "SparseLinear",
+    "compress_bitmap",
+    "decompress_bitmap",
+    "BitmapLinear",
     "sparsify_",
     "prune_model",
     "PruneReport",

@@ -11,10 +11,12 @@ the 2:4 layouts of ``wanda_kernels._layout24``, which two outside oracles pin
 Twins: :func:`keep_mask` of ``prune_mask``, :func:`prune` of ``prune_``,
 :func:`accumulate_sq_norms` of ``accumulate_sq_norms_``, :func:`compress_24` /
 :func:`decompress_24` / :func:`decompress_24_sm90` / :func:`meta_sm80_to_sm90` of the
-format functions, and :func:`sequential_prune` of ``prune_model`` (Wanda and
-magnitude). The rest is checked through these: ``prune_compress_24`` against
-``prune`` then ``compress_24``, ``meta_sm90_to_sm80`` as the inverse of
-``meta_sm80_to_sm90``, ``SparseLinear`` against ``F.linear`` on the decompressed weight.
+2:4 format functions, :func:`compress_bitmap` / :func:`decompress_bitmap` /
+:func:`chunk_offsets` / :func:`bitmap_linear` of the bitmap format and its kernel, and
+:func:`sequential_prune` of ``prune_model`` (Wanda and magnitude). The rest is checked
+through these: ``prune_compress_24`` against ``prune`` then ``compress_24``,
+``meta_sm90_to_sm80`` as the inverse of ``meta_sm80_to_sm90``, ``SparseLinear`` against
+``F.linear`` on the decompressed weight, ``BitmapLinear`` against :func:`bitmap_linear`.
 
 Semantics (Sun, Liu, Bair, Kolter, "A Simple and Effective Pruning Approach for
 Large Language Models"):
@@ -55,6 +57,11 @@ __all__ = [
     "meta_codes_24",
     "meta_sm80_to_sm90",
     "decompress_24_sm90",
+    "compress_bitmap",
+    "decompress_bitmap",
+    "bitmap_columns",
+    "chunk_offsets",
+    "bitmap_linear",
     "sequential_prune",
 ]
 
@@ -277,6 +284,86 @@ def decompress_24_sm90(values: torch.Tensor, meta_e: torch.Tensor) -> torch.Tens
     nibbles = torch.stack((e_bytes & 0xF, e_bytes >> 4), dim=-1).reshape(-1)
     offsets = sm90_offsets(m, k)[:m, : k // 4]
     return _dense_from_codes(values, nibbles[offsets // 4])
+
+# ---------------------------------------------------------------------------
+# The bitmap format for unstructured sparsity (wanda_kernels/bitmap.py), one row and one
+# bit at a time.
+
+
+def compress_bitmap(weight: torch.Tensor, mask: torch.Tensor | None = None):
+    """``(values, bitmap, row_offsets)``: the kept weights of each row in column order; bit
+    ``j % 32`` of word ``j // 32`` set when column ``j`` is kept (as a signed int32); values
+    ``(out, nnz_row)`` and no offsets when the rows' counts are equal, else 1-D values and
+    ``row_offsets (out + 1,)`` int64."""
+    if mask is None:
+        mask = weight != 0
+    out, in_features = weight.shape
+    words = (in_features + 31) // 32
+    rows, bitmap = [], torch.zeros(out, words, dtype=torch.int32)
+    for i in range(out):
+        kept = [j for j in range(in_features) if bool(mask[i, j])]
+        rows.append(weight[i, kept] if kept else weight.new_zeros(0))
+        for w in range(words):
+            word = sum(1 << (j - 32 * w) for j in kept if 32 * w <= j < 32 * w + 32)
+            bitmap[i, w] = word - (1 << 32) if word >= 1 << 31 else word
+    counts = [len(r) for r in rows]
+    bitmap = bitmap.to(weight.device)
+    if len(set(counts)) == 1:
+        return torch.stack(rows), bitmap, None
+    offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(weight.device)
+    return torch.cat(rows), bitmap, offsets
+
+
+def _row_values(values: torch.Tensor, row_offsets, i: int) -> torch.Tensor:
+    if row_offsets is None:
+        return values[i]
+    return values[int(row_offsets[i]): int(row_offsets[i + 1])]
+
+
+def bitmap_columns(bitmap: torch.Tensor, in_features: int, i: int) -> list[int]:
+    """The kept columns of row ``i``, in order."""
+    return [j for j in range(in_features) if (int(bitmap[i, j // 32]) >> (j % 32)) & 1]
+
+
+def decompress_bitmap(values: torch.Tensor, bitmap: torch.Tensor, in_features: int, row_offsets=None):
+    """The dense ``(out, in_features)`` weight: row i's values placed at its kept columns."""
+    out = bitmap.shape[0]
+    dense = torch.zeros(out, in_features, dtype=values.dtype, device=values.device)
+    for i in range(out):
+        cols = bitmap_columns(bitmap, in_features, i)
+        row = _row_values(values, row_offsets, i)
+        assert len(cols) == len(row), f"row {i}: {len(cols)} bits but {len(row)} values"
+        for place, j in enumerate(cols):
+            dense[i, j] = row[place]
+    return dense
+
+
+def chunk_offsets(values: torch.Tensor, bitmap: torch.Tensor, in_features: int, row_offsets=None,
+                  chunk_cols: int = 1024) -> torch.Tensor:
+    """Entry ``(i, c)``: where in the flattened values row i's first kept weight at or after
+    column ``c * chunk_cols`` is (or would be)."""
+    out = bitmap.shape[0]
+    n_chunks = (in_features + chunk_cols - 1) // chunk_cols
+    table = torch.zeros(out, n_chunks, dtype=torch.int32)
+    for i in range(out):
+        start = i * values.shape[1] if row_offsets is None else int(row_offsets[i])
+        cols = bitmap_columns(bitmap, in_features, i)
+        for c in range(n_chunks):
+            table[i, c] = start + sum(1 for j in cols if j < c * chunk_cols)
+    return table
+
+
+def bitmap_linear(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, bias=None, row_offsets=None):
+    """``x @ W^T + b`` in fp32, W given by its kept values and their columns (no dense weight)."""
+    in_features = x.shape[-1]
+    x2d = x.reshape(-1, in_features).float()
+    y = torch.zeros(x2d.shape[0], bitmap.shape[0])
+    for i in range(bitmap.shape[0]):
+        cols = bitmap_columns(bitmap, in_features, i)
+        y[:, i] = x2d[:, cols] @ _row_values(values, row_offsets, i).float()
+    if bias is not None:
+        y += bias.float()
+    return y.reshape(*x.shape[:-1], bitmap.shape[0])
 
 
 # ---------------------------------------------------------------------------

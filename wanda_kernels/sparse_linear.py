@@ -1,4 +1,4 @@
-"""SparseLinear: a drop-in nn.Linear whose 2:4 weight runs on sparse tensor cores, and sparsify_.
+"""SparseLinear: a drop-in nn.Linear whose 2:4 weight runs on sparse tensor cores.
 
 ``forward`` calls the custom op ``torch.ops.wanda_kernels.sparse24_linear``
 (:mod:`wanda_kernels.gemm24`), which runs the CUTLASS sm90a kernel on compute
@@ -17,24 +17,21 @@ import torch
 from torch import nn
 
 from ._layout24 import DTYPES_24, META_FORMATS, filled_meta
-from ._progress import progress_bar
 from ._validation import check_choice
 from .gemm24 import policy
 from .gemm24.op import (
     kernel_linear,
     sparse24_linear,  # noqa: F401  (registers torch.ops.wanda_kernels.sparse24_linear)
-    warn_fallback,
 )
 from .sparse24 import (
     compress_24,
     decompress_24,
-    is_24_sparse,
     meta_sm80_to_sm90,
     meta_sm90_to_sm80,
     padded_shape,
 )
 
-__all__ = ["SparseLinear", "sparsify_", "announce_fallback"]
+__all__ = ["SparseLinear"]
 
 _KERNEL_NAMES = {"sm90": "cutlass-sm90a (wgmma.sp)", "sm80": "cutlass-sm80 (mma.sp)"}
 
@@ -199,61 +196,3 @@ class SparseLinear(nn.Module):
                 f"dtype={self.values.dtype}{pad}, values={tuple(self.values.shape)}, meta={tuple(self.meta.shape)} "
                 f"{self.meta_format}, "
                 f"kernel={self.kernel()}")
-
-
-def sparsify_(model: nn.Module, filter_fn=None, *, progress: bool = False) -> list[str]:
-    """Replace, in place, every ``nn.Linear`` of ``model`` whose weight is 2:4 sparse by a ``SparseLinear``.
-
-    Args:
-        model: the module to modify.
-        filter_fn: optional ``(module, fqn) -> bool`` (torchao's order): only the
-            ``nn.Linear`` modules for which it returns True are considered; ``fqn`` is the
-            name in ``model.named_modules()``.
-        progress: a tqdm bar over the layers being compressed (when tqdm is installed).
-
-    Returns:
-        The names (as in ``model.named_modules()``) of the replaced layers.
-
-    Raises:
-        TypeError: a 2:4 layer is float32/float64 (convert the model to fp16/bf16 first).
-        ValueError: ``model`` is itself an ``nn.Linear`` (use ``SparseLinear.from_linear``).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
-    if isinstance(model, nn.Linear):
-        raise ValueError("sparsify_ replaces submodules; for a single layer use SparseLinear.from_linear(linear)")
-    targets = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear or not is_24_sparse(module.weight.detach()):
-            continue
-        if filter_fn is not None and not filter_fn(module, name):
-            continue
-        if module.weight.dtype not in DTYPES_24:
-            raise TypeError(f"{name} is 2:4 sparse but {module.weight.dtype}; SparseLinear stores float16 or "
-                            "bfloat16: convert the model first (model.half() or model.to(torch.bfloat16))")
-        targets.append(name)
-    # Convert all first, then swap: a failure leaves the model unchanged.
-    replacements = {name: SparseLinear.from_linear(model.get_submodule(name))
-                    for name in progress_bar(targets, progress, "compressing 2:4 layers")}
-    for name, new in replacements.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
-    return targets
-
-
-def announce_fallback(model: nn.Module) -> None:
-    """Warn now, once per reason, if ``model``'s SparseLinear layers will run dense where they are.
-
-    For code that has just put a model on its device (e.g. ``load_compressed``): the
-    warning then comes before any progress bar of the run, names how many layers it
-    concerns, and is not repeated by the first forward.
-    """
-    counts: dict[str, int] = {}
-    for module in model.modules():
-        if isinstance(module, SparseLinear):
-            reason = policy.kernel_unavailable(module.values.device, module.values.dtype, module.meta_format)
-            if reason is not None:
-                counts[reason] = counts.get(reason, 0) + 1
-    for reason, layers in counts.items():
-        warn_fallback(reason, layers)
-

@@ -1,0 +1,113 @@
+"""Which layers of a model become sparse modules: ``sparsify_``; and ``announce_fallback``.
+
+Two formats: ``"2:4"`` (:class:`~wanda_kernels.sparse_linear.SparseLinear`, sparse
+tensor cores; layers whose weight is 2:4 sparse) and ``"bitmap"``
+(:class:`~wanda_kernels.bitmap_linear.BitmapLinear`, any mask; layers with at least
+``min_sparsity`` zeros).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ._layout24 import DTYPES_24
+from ._progress import progress_bar
+from ._validation import check_choice
+from .bitmap import DTYPES_BITMAP
+from .bitmap_linear import BitmapLinear
+from .bitmap_op import fallback_reason
+from .bitmap_op import warn_fallback as warn_bitmap_fallback
+from .gemm24 import policy
+from .gemm24.op import warn_fallback
+from .sparse24 import is_24_sparse
+from .sparse_linear import SparseLinear
+
+__all__ = ["sparsify_", "announce_fallback", "FORMATS"]
+
+FORMATS = ("2:4", "bitmap")
+DEFAULT_MIN_SPARSITY = 0.25
+
+
+def _zero_fraction(linear: nn.Linear) -> float:
+    weight = linear.weight.detach()
+    return float((weight == 0).sum()) / weight.numel()
+
+
+def sparsify_(model: nn.Module, filter_fn=None, *, format: str = "2:4", min_sparsity: float = DEFAULT_MIN_SPARSITY,
+              progress: bool = False) -> list[str]:
+    """Replace, in place, the pruned ``nn.Linear`` layers of ``model`` by sparse modules.
+
+    Args:
+        model: the module to modify.
+        filter_fn: optional ``(module, fqn) -> bool`` (torchao's order): only the
+            ``nn.Linear`` modules for which it returns True are considered; ``fqn`` is the
+            name in ``model.named_modules()``.
+        format: ``"2:4"``: every layer whose weight is 2:4 sparse becomes a
+            ``SparseLinear``. ``"bitmap"``: every layer with at least ``min_sparsity`` of
+            its weights zero becomes a ``BitmapLinear`` (unstructured or any N:M pattern).
+        min_sparsity: for ``"bitmap"``, in (0, 1]. The default 0.25 is a threshold, not a
+            measured break-even: below it the format saves less than 19% of the bytes,
+            and dense layers (a few exact zeros at most) are never caught.
+        progress: a tqdm bar over the layers being compressed (when tqdm is installed).
+
+    Returns:
+        The names (as in ``model.named_modules()``) of the replaced layers.
+
+    Raises:
+        TypeError: a layer to replace is float32/float64 (convert the model to fp16/bf16 first).
+        ValueError: ``model`` is itself an ``nn.Linear`` (use ``SparseLinear.from_linear``
+            or ``BitmapLinear.from_linear``), or a bad ``format`` or ``min_sparsity``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    check_choice("format", format, FORMATS)
+    if format == "bitmap" and (isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float))
+                               or not 0 < min_sparsity <= 1):
+        raise ValueError(f"min_sparsity must be a number in (0, 1]; got {min_sparsity!r}")
+    if isinstance(model, nn.Linear):
+        raise ValueError("sparsify_ replaces submodules; for a single layer use SparseLinear.from_linear(linear) "
+                         "or BitmapLinear.from_linear(linear)")
+    if format == "2:4":
+        chosen, module_cls, dtypes = (lambda m: is_24_sparse(m.weight.detach())), SparseLinear, DTYPES_24
+        what = "2:4 sparse"
+    else:
+        chosen, module_cls, dtypes = (lambda m: _zero_fraction(m) >= min_sparsity), BitmapLinear, DTYPES_BITMAP
+        what = f"at least {min_sparsity:g} sparse"
+    targets = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or not chosen(module):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        if module.weight.dtype not in dtypes:
+            raise TypeError(f"{name} is {what} but {module.weight.dtype}; {module_cls.__name__} stores float16 or "
+                            "bfloat16: convert the model first (model.half() or model.to(torch.bfloat16))")
+        targets.append(name)
+    # Convert all first, then swap: a failure leaves the model unchanged.
+    replacements = {name: module_cls.from_linear(model.get_submodule(name))
+                    for name in progress_bar(targets, progress, f"compressing {format} layers")}
+    for name, new in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    return targets
+
+
+def announce_fallback(model: nn.Module) -> None:
+    """Warn now, once per reason, if ``model``'s sparse layers will run dense where they are.
+
+    For code that has just put a model on its device (e.g. ``load_compressed``): the
+    warning then comes before any progress bar of the run, names how many layers it
+    concerns, and is not repeated by the first forward.
+    """
+    counts: dict[tuple[str, str], int] = {}
+    for module in model.modules():
+        reason = None
+        if isinstance(module, SparseLinear):
+            reason = policy.kernel_unavailable(module.values.device, module.values.dtype, module.meta_format)
+        elif isinstance(module, BitmapLinear) and module.backend == "auto":
+            reason = fallback_reason(module.values.device)
+        if reason is not None:
+            key = (type(module).__name__, reason)
+            counts[key] = counts.get(key, 0) + 1
+    for (kind, reason), layers in counts.items():
+        (warn_fallback if kind == "SparseLinear" else warn_bitmap_fallback)(reason, layers)
