@@ -92,7 +92,8 @@ BAD_INPUTS = [
     (["prune", "--output", "{ws}/new", "--sparsity", "1.2"], r"error: sparsity must be in \[0, 1\); got 1\.2$"),
     (["prune", "--output", "{ws}/new", "--pattern", "3:2"], r"error: pattern '3:2': need 1 <= N < M"),
     (["prune", "--output", "{ws}/new", "--nsamples", "0"], r"error: --nsamples must be positive; got 0"),
-    (["prune", "--output", "{ws}/new", "--compressed"], r"error: --compressed needs --pattern 2:4"),
+    (["prune", "--output", "{ws}/new", "--compressed", "--sparsity", "0.2"],
+     r"error: --compressed stores layers with at least 0.25 sparsity in the bitmap format; --sparsity 0.2 is below it"),
     (["prune", "--output", "{ws}/full"], r"error: --output .*/full is a folder that is not empty \(2 entries: "
                                          r"config\.json, notes\.txt\); give --overwrite to replace it"),
     (["prune", "--output", "{ws}/a_file"], r"error: --output .*/a_file is an existing file, not a folder"),
@@ -247,6 +248,31 @@ def test_eval_of_a_compressed_checkpoint_warns_once_before_the_bar(pruned, text_
 def test_eval_refuses_another_dtype_for_a_compressed_checkpoint(pruned):
     proc = _cli("eval", "--model", pruned / "compressed", "--dtype", "fp32")
     _assert_usage_error(proc, r"--dtype fp32: .* is a 2:4 compressed checkpoint stored in float16; leave --dtype auto")
+
+
+def test_prune_compressed_unstructured_writes_the_bitmap_format_with_the_same_perplexity(model_dir, text_file,
+                                                                                        tmp_path):
+    out = tmp_path / "out"
+    proc = _cli("prune", "--model", model_dir, "--text", text_file, "--nsamples", "4", "--seqlen", "32",
+                "--output", out, "--compressed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"writing the bitmap compressed checkpoint to {out / 'compressed'}" in proc.stdout
+    assert "compressing bitmap layers" in proc.stderr
+    manifest = json.loads((out / "compressed" / checkpoint.MANIFEST).read_text())
+    assert manifest["format"] == "wanda-kernels-bitmap-compressed" and manifest["dtype"] == "float16"
+    assert len(manifest["sparse_layers"]) == 2 * 7
+    dense_size = (out / "model.safetensors").stat().st_size  # fp32 on this CPU run
+    assert (out / "compressed" / "model.safetensors").stat().st_size < dense_size / 2
+    # The compressed copy holds the fp16 rounding of the pruned weights, and eval runs it
+    # (F.linear on the decompressed weight, here on the CPU): the dense copy evaluated in
+    # fp16 gives the same perplexity, to the last printed digit.
+    evals = [_cli("eval", "--model", target, "--text", text_file, "--seqlen", "32", "--eval-tokens", "256", *extra)
+             for target, extra in ((out / "compressed", ()), (out, ("--dtype", "fp16")))]
+    assert all(p.returncode == 0 for p in evals), [p.stderr[-2000:] for p in evals]
+    ppl = [re.search(r"perplexity (\S+) over", p.stdout).group(1) for p in evals]
+    assert ppl[0] == ppl[1], ppl
+    proc = _cli("eval", "--model", out / "compressed", "--dtype", "bf16")
+    _assert_usage_error(proc, r"--dtype bf16: .* is a bitmap compressed checkpoint stored in float16")
 
 
 @pytest.mark.parametrize(("raised", "status", "message"), [

@@ -114,6 +114,57 @@ def test_compressed_24_checkpoint_loads_into_sparse_linear(tmp_path):
     assert sizes["model.safetensors"] < (tmp_path / "dense" / "model.safetensors").stat().st_size / 2
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "4:8"])
+def test_compressed_bitmap_checkpoint_loads_into_bitmap_linear(tmp_path, pattern):
+    from safetensors import safe_open
+
+    from wanda_kernels import BitmapLinear, _warn
+
+    model, report = _prune_tiny(pattern)
+    checkpoint.save_pruned(model, None, tmp_path / "dense")
+    checkpoint.save_compressed(model, None, tmp_path / "c", format="bitmap", report=report, progress=False)
+    manifest = json.loads((tmp_path / "c" / checkpoint.MANIFEST).read_text())
+    assert manifest["format"] == "wanda-kernels-bitmap-compressed" and len(manifest["sparse_layers"]) == 21
+    assert checkpoint.compressed_format(tmp_path / "c") == "bitmap" and checkpoint.is_compressed_checkpoint(tmp_path / "c")
+    _warn.forget()
+    with pytest.warns(RuntimeWarning, match=r"the model's 21 BitmapLinear layers run dense F\.linear .* on cpu"):
+        loaded, _ = checkpoint.load_compressed(tmp_path / "c")
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, BitmapLinear)}
+    assert len(layers) == 21 and all(m.row_offsets is None for m in layers.values())  # Wanda: equal rows
+    dense16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float16).eval()
+    ids = calib_ids(n=2, seed=6)
+    with torch.no_grad():
+        # The decompressed weights are the fp16 pruned weights bit for bit, and the CPU
+        # fallback is F.linear on them: the same logits, exactly.
+        assert torch.equal(loaded(ids).logits, dense16(ids).logits)
+    # Stored: fp16 values of the kept half plus one bit per weight for every sparse layer.
+    with safe_open(str(tmp_path / "c" / "model.safetensors"), "pt") as f:
+        for name, (in_f, out_f, _) in manifest["sparse_layers"].items():
+            values, bits = f.get_tensor(f"{name}.values"), f.get_tensor(f"{name}.bitmap")
+            assert values.shape == (out_f, in_f // 2) and bits.shape == (out_f, -(-in_f // 32))
+            stored = values.numel() * 2 + bits.numel() * 4
+            assert stored / (out_f * in_f * 2) == 0.5 + 4 * -(-in_f // 32) / (2 * in_f)  # 0.5625 when in % 32 == 0
+
+
+def test_a_damaged_bitmap_checkpoint_is_refused_naming_the_layer(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, _ = _prune_tiny("unstructured")
+    out = checkpoint.save_compressed(model, None, tmp_path / "c", format="bitmap", progress=False)
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["model.layers.1.mlp.down_proj.bitmap"][3, 0] ^= 1  # one bit flipped: row 3 no longer matches its values
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.safetensors: BitmapLinear model\.layers\.1\.mlp\.down_proj: "
+                                         r"bitmap row 3 has \d+ set bits but \d+ values are stored for it"):
+        checkpoint.load_compressed(out, verify=False)  # (verify=True names the file as damaged first)
+    with pytest.raises(ValueError, match=r"model\.safetensors is damaged"):
+        checkpoint.load_compressed(out)
+    with pytest.raises(ValueError, match=r"format must be one of '2:4', 'bitmap'; got 'csr'"):
+        checkpoint.save_compressed(model, None, tmp_path / "d", format="csr")
+    with pytest.raises(ValueError, match=r"no pruned linear layer to store in the bitmap format"):
+        checkpoint.save_compressed(tiny_model("llama").half(), None, tmp_path / "e", format="bitmap")
+
+
 def test_compressed_checkpoint_errors(tmp_path):
     model, _ = _prune_tiny("2:4")
     out = checkpoint.save_compressed(model, None, tmp_path / "c")
@@ -132,10 +183,12 @@ def test_compressed_checkpoint_errors(tmp_path):
     (out / checkpoint.MANIFEST).write_text("{not json")
     with pytest.raises(ValueError, match=r"wanda_kernels\.json is corrupt"):
         checkpoint.load_compressed(out)
-    with pytest.raises(ValueError, match=r"not a wanda_kernels 2:4 compressed checkpoint"):
+    with pytest.raises(ValueError, match=r"not a wanda_kernels compressed checkpoint \(no wanda_kernels\.json with "
+                                         r"format 'wanda-kernels-2:4-compressed' or 'wanda-kernels-bitmap-compressed'"):
         checkpoint.load_compressed(tmp_path)
     unpruned = tiny_model("llama").half()
-    with pytest.raises(ValueError, match=r"no 2:4 sparse linear layer"):
+    with pytest.raises(ValueError, match=r"no pruned linear layer to store in the 2:4 format; prune it with "
+                                         r"pattern='2:4' first"):
         checkpoint.save_compressed(unpruned, None, tmp_path / "e")
 
 

@@ -3,11 +3,14 @@
 * ``save_pruned(model, tokenizer, out)``: ``save_pretrained`` output that transformers
   reloads as it is (the zeros are in the weights), plus ``wanda_kernels.json`` with the
   pruning report.
-* ``save_compressed(model, tokenizer, out)``: the 2:4 form. Every 2:4 linear layer is
-  stored as a ``SparseLinear`` (``values`` + ``meta`` from ``compress_24``, and
-  ``bias``), the rest dense, in fp16/bf16; ``wanda_kernels.json`` lists the sparse
-  layers. ``load_compressed(out)`` rebuilds the model from its config with
-  ``SparseLinear`` modules and loads the tensors.
+* ``save_compressed(model, tokenizer, out, format=...)``: the compressed form, in
+  fp16/bf16. ``format="2:4"``: every 2:4 linear layer is stored as a ``SparseLinear``
+  (``values`` + ``meta`` from ``compress_24``, and ``bias``); ``format="bitmap"``: every
+  pruned linear layer (unstructured or N:M) as a ``BitmapLinear`` (``values``,
+  ``bitmap``, ``row_offsets`` for unequal rows, ``bias``); the rest dense.
+  ``wanda_kernels.json`` names the format and lists the sparse layers.
+  ``load_compressed(out)`` rebuilds the model from its config with those modules and
+  loads the stored tensors into them (a sparse weight is never decompressed).
 
 Both write into a temporary sibling folder renamed into place at the end
 (:func:`~wanda_kernels.llm.safe_io.staged_dir`): a non-empty ``out`` is refused unless
@@ -25,15 +28,20 @@ from pathlib import Path
 
 import torch
 
-from ..sparse_linear import SparseLinear, announce_fallback, sparsify_
+from ..bitmap_linear import BitmapLinear
+from ..sparse_linear import SparseLinear
+from ..sparsify import announce_fallback, sparsify_
 from .safe_io import sha256_files, staged_dir, verify_files
 
-__all__ = ["save_pruned", "save_compressed", "load_compressed", "is_compressed_checkpoint", "has_manifest",
-           "verify_checkpoint", "stored_dtype"]
+__all__ = ["save_pruned", "save_compressed", "load_compressed", "is_compressed_checkpoint", "compressed_format",
+           "has_manifest", "verify_checkpoint", "stored_dtype"]
 
 MANIFEST = "wanda_kernels.json"
 FORMAT_DENSE = "wanda-kernels-pruned"
 FORMAT_24 = "wanda-kernels-2:4-compressed"
+FORMAT_BITMAP = "wanda-kernels-bitmap-compressed"
+# The manifest's format for each sparsify_ format, and the module its layers become.
+COMPRESSED = {"2:4": (FORMAT_24, SparseLinear), "bitmap": (FORMAT_BITMAP, BitmapLinear)}
 VERSION = 2  # 2: the manifest records the sha256 of every file ("files")
 READABLE_VERSIONS = (1, 2)
 
@@ -66,34 +74,40 @@ def save_pruned(model, tokenizer, out_dir, *, report=None, overwrite: bool = Fal
     return Path(out_dir)
 
 
-def save_compressed(model, tokenizer, out_dir, *, dtype: torch.dtype = torch.float16, report=None,
-                    overwrite: bool = False, progress: bool = True) -> Path:
-    """The 2:4 compressed checkpoint of ``model`` (its 2:4 linear layers as SparseLinear).
+def save_compressed(model, tokenizer, out_dir, *, format: str = "2:4", dtype: torch.dtype = torch.float16,
+                    report=None, overwrite: bool = False, progress: bool = True) -> Path:
+    """The compressed checkpoint of ``model``: its pruned linear layers as SparseLinear (2:4) or BitmapLinear.
 
     Args:
-        model: a model whose 2:4-pruned ``nn.Linear`` layers are to be stored compressed;
+        model: a model whose pruned ``nn.Linear`` layers are to be stored compressed;
             it is not modified (a CPU copy in ``dtype`` is compressed).
+        format: ``"2:4"`` (the 2:4 layers, for sparse tensor cores) or ``"bitmap"`` (every
+            layer with at least 25% zeros: unstructured or any N:M pattern).
         dtype: ``torch.float16`` or ``torch.bfloat16``, the stored dtype.
         out_dir, overwrite, report: as :func:`save_pruned`.
         progress: a tqdm bar over the layers being compressed.
     """
     from safetensors.torch import save_model
 
+    if format not in COMPRESSED:
+        raise ValueError(f"format must be one of {', '.join(map(repr, COMPRESSED))}; got {format!r}")
     if dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"the 2:4 format stores float16 or bfloat16; got dtype={dtype}")
+        raise TypeError(f"the compressed formats store float16 or bfloat16; got dtype={dtype}")
+    manifest_format, module_cls = COMPRESSED[format]
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
         packed = copy.deepcopy(model).to(device="cpu", dtype=dtype)
-        names = sparsify_(packed, progress=progress)
+        names = sparsify_(packed, format=format, progress=progress)
         if not names:
-            raise ValueError("the model has no 2:4 sparse linear layer to compress; prune it with pattern='2:4' "
-                             "first")
+            hint = "pattern='2:4'" if format == "2:4" else "any pattern (at least 25% of a layer's weights zero)"
+            raise ValueError(f"the model has no pruned linear layer to store in the {format} format; prune it with "
+                             f"{hint} first")
         save_model(packed, str(tmp / "model.safetensors"))  # de-duplicates tied weights
         packed.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         layers = {n: [m.in_features, m.out_features, m.bias is not None]
-                  for n, m in packed.named_modules() if isinstance(m, SparseLinear)}
-        _write_manifest(tmp, {"format": FORMAT_24, "version": VERSION, "dtype": str(dtype).replace("torch.", ""),
+                  for n, m in packed.named_modules() if isinstance(m, module_cls)}
+        _write_manifest(tmp, {"format": manifest_format, "version": VERSION, "dtype": str(dtype).replace("torch.", ""),
                               "sparse_layers": layers, "report": report.to_dict() if report else None})
     return Path(out_dir)
 
@@ -125,17 +139,29 @@ def _stored_dtype(path: Path, manifest: dict) -> torch.dtype:
     return dtype
 
 
+def _module_for(manifest: dict | None):
+    """The sparse module class of a compressed checkpoint's manifest, or None."""
+    formats = {name: module_cls for name, module_cls in COMPRESSED.values()}
+    return formats.get(manifest.get("format")) if manifest else None
+
+
 def _compressed_manifest(path: Path) -> dict:
-    """The manifest of a 2:4 compressed checkpoint; ValueError when ``path`` is not one."""
+    """The manifest of a compressed checkpoint (2:4 or bitmap); ValueError when ``path`` is not one."""
     manifest = _manifest(path)
-    if not manifest or manifest.get("format") != FORMAT_24:
-        raise ValueError(f"{path} is not a wanda_kernels 2:4 compressed checkpoint (no {MANIFEST} with format "
-                         f"{FORMAT_24!r})")
+    if _module_for(manifest) is None:
+        raise ValueError(f"{path} is not a wanda_kernels compressed checkpoint (no {MANIFEST} with format "
+                         f"{FORMAT_24!r} or {FORMAT_BITMAP!r})")
     return manifest
 
 
+def compressed_format(path) -> str:
+    """``"2:4"`` or ``"bitmap"``: the format of a compressed checkpoint."""
+    manifest = _compressed_manifest(Path(path))
+    return next(name for name, (fmt, _) in COMPRESSED.items() if fmt == manifest["format"])
+
+
 def stored_dtype(path) -> torch.dtype:
-    """The dtype a 2:4 compressed checkpoint is stored (and loaded) in."""
+    """The dtype a compressed checkpoint is stored (and loaded) in."""
     path = Path(path)
     return _stored_dtype(path, _compressed_manifest(path))
 
@@ -165,17 +191,17 @@ def verify_checkpoint(path) -> None:
 
 
 def is_compressed_checkpoint(path) -> bool:
-    manifest = _manifest(Path(path))
-    return bool(manifest) and manifest.get("format") == FORMAT_24
+    """Whether ``path`` holds a checkpoint written by :func:`save_compressed` (either format)."""
+    return _module_for(_manifest(Path(path))) is not None
 
 
 def load_compressed(path, *, device="cpu", verify: bool = True):
-    """``(model, tokenizer)`` from :func:`save_compressed`, with SparseLinear modules, in eval mode.
+    """``(model, tokenizer)`` from :func:`save_compressed`, with SparseLinear or BitmapLinear modules, in eval mode.
 
     Args:
         path: the checkpoint folder.
-        device: where the model goes. Where no 2:4 kernel runs there (a CPU, a GPU without
-            one), one warning, now, says the SparseLinear layers run dense.
+        device: where the model goes. Where no kernel of the format runs there (a CPU, a
+            GPU without one), one warning, now, says the sparse layers run dense.
         verify: check every file against the manifest's sha256 first (:func:`verify_checkpoint`).
 
     Raises:
@@ -193,6 +219,7 @@ def load_compressed(path, *, device="cpu", verify: bool = True):
     else:
         _check_version(path, manifest)
     dtype = _stored_dtype(path, manifest)
+    module_cls = _module_for(manifest)
     config = transformers.AutoConfig.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, (in_f, out_f, bias) in manifest["sparse_layers"].items():
@@ -204,11 +231,14 @@ def load_compressed(path, *, device="cpu", verify: bool = True):
             raise ValueError(f"{path}: sparse layer {name!r} is {in_f}->{out_f} in the manifest but "
                              f"{getattr(old, 'in_features', '?')}->{getattr(old, 'out_features', '?')} in the config")
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, SparseLinear(in_f, out_f, bias, dtype=dtype))
+        # BitmapLinear takes the sizes of its values from the file (they depend on the weight).
+        setattr(model.get_submodule(parent), child, module_cls(in_f, out_f, bias, dtype=dtype))
     try:
         load_model(model, str(path / "model.safetensors"), strict=True)
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path / 'model.safetensors'} is corrupt or unreadable: {exc}") from exc
+    except ValueError as exc:  # a BitmapLinear whose bits and values disagree (named)
+        raise ValueError(f"{path / 'model.safetensors'}: {exc}") from exc
     except RuntimeError as exc:
         raise ValueError(f"{path / 'model.safetensors'} does not match the model described by its config and "
                          f"manifest: {str(exc).splitlines()[0]}") from exc

@@ -97,13 +97,16 @@ def _check_common(args, device: torch.device | None = None) -> tuple[torch.devic
 def _check_prune_options(args) -> None:
     """The options prune_model would refuse, refused before the model is loaded."""
     from ..prune import prune_spec
+    from ..sparsify import DEFAULT_MIN_SPARSITY
 
     try:
-        prune_spec(args.sparsity, args.pattern)
+        spec = prune_spec(args.sparsity, args.pattern)
     except (TypeError, ValueError) as exc:
         raise _usage(exc) from None
-    if args.compressed and args.pattern != "2:4":
-        raise UsageError("--compressed needs --pattern 2:4")
+    if args.compressed and spec.nm != (2, 4) and spec.sparsity < DEFAULT_MIN_SPARSITY:
+        what = f"--sparsity {spec.sparsity:g}" if spec.nm is None else f"--pattern {args.pattern} ({spec.sparsity:g})"
+        raise UsageError(f"--compressed stores layers with at least {DEFAULT_MIN_SPARSITY:g} sparsity in the bitmap "
+                         f"format; {what} is below it")
     if not args.dist_timeout > 0:
         raise UsageError(f"--dist-timeout must be positive; got {args.dist_timeout}")
 
@@ -159,6 +162,7 @@ def cmd_prune(args) -> int:
 
 
 def _prune(args, device: torch.device, main: bool) -> int:
+    from .._validation import parse_pattern
     from . import checkpoint, distributed, evaluate, models, pipeline
     from .safe_io import check_output_dir, staged_dir
 
@@ -186,8 +190,9 @@ def _prune(args, device: torch.device, main: bool) -> int:
         print(f"writing the pruned model to {args.output}", flush=True)
         checkpoint.save_pruned(model, tok, stage, report=report)
         if args.compressed:
-            print(f"writing the 2:4 compressed checkpoint to {Path(args.output) / 'compressed'}", flush=True)
-            checkpoint.save_compressed(model, tok, stage / "compressed", report=report,
+            fmt = "2:4" if parse_pattern(args.pattern) == (2, 4) else "bitmap"  # 2:4: the sparse tensor cores
+            print(f"writing the {fmt} compressed checkpoint to {Path(args.output) / 'compressed'}", flush=True)
+            checkpoint.save_compressed(model, tok, stage / "compressed", format=fmt, report=report,
                                        dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
     print(f"saved to {args.output}")
     if eval_windows is not None:
@@ -205,7 +210,8 @@ def cmd_eval(args) -> int:
     if compressed:
         stored = checkpoint.stored_dtype(model_dir)
         if args.dtype != "auto" and DTYPES[args.dtype] != stored:
-            raise UsageError(f"--dtype {args.dtype}: {model_dir} is a 2:4 compressed checkpoint stored in "
+            raise UsageError(f"--dtype {args.dtype}: {model_dir} is a {checkpoint.compressed_format(model_dir)} "
+                             f"compressed checkpoint stored in "
                              f"{str(stored).replace('torch.', '')}; leave --dtype auto")
     tok = models.load_tokenizer(model_dir)
     windows = _windows(args, tok, "eval", text)
@@ -296,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "or be empty, unless --overwrite")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder as a whole "
                     "(its old files are removed once the new model is complete)")
-    sp.add_argument("--compressed", action="store_true", help="with --pattern 2:4, also write the 2:4 "
-                    "compressed checkpoint (SparseLinear) to OUTPUT/compressed")
+    sp.add_argument("--compressed", action="store_true", help="also write the compressed checkpoint to "
+                    "OUTPUT/compressed: with --pattern 2:4 the 2:4 format (SparseLinear, sparse tensor cores), "
+                    "otherwise the bitmap format (BitmapLinear: 0.5625 of the dense bytes at 50%%)")
     sp.add_argument("--eval", action="store_true", help="report the perplexity after pruning")
     sp.add_argument("--dist-timeout", type=float, default=1800, help="under torchrun: seconds a rank waits "
                     "for the others at a collective before giving up (default 1800)")
