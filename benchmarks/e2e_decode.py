@@ -1,11 +1,13 @@
-"""Decode throughput of a LLaMA-7B-shaped decoder, dense vs 2:4 sparse: ``python benchmarks/e2e_decode.py``
+"""Decode throughput of a LLaMA-7B-shaped decoder, dense vs sparse: ``python benchmarks/e2e_decode.py``
 
 A stack of random LLaMA-7B-shaped decoder layers (hidden 4096, MLP 11008, 32 heads,
-RMSNorm, SwiGLU, attention over a KV cache; 32 layers by default) is pruned 2:4 with
-Wanda (random activation norms), then timed generating tokens one step at a time at
-batch 1 and 16: first dense (the pruned weights in nn.Linear, cuBLAS), then after
-``sparsify_`` (SparseLinear, CUTLASS 2:4). Reports tokens/s and the speedup; writes
-JSON under ``benchmarks/results/``. Needs a CUDA GPU (exits with status 2 otherwise).
+RMSNorm, SwiGLU, attention over a KV cache; 32 layers by default) is pruned with Wanda
+(random activation norms), then timed generating tokens one step at a time at batch 1
+and 16: first dense (the pruned weights in nn.Linear, cuBLAS), then after ``sparsify_``.
+Each ``--formats`` entry is one model: ``2:4`` (pruned 2:4, SparseLinear, CUTLASS) and
+``bitmap`` (pruned 50% unstructured, BitmapLinear, Triton). Reports tokens/s, the
+speedup and the weight memory of each; writes JSON under ``benchmarks/results/``. Needs
+a CUDA GPU (exits with status 2 otherwise).
 """
 
 from __future__ import annotations
@@ -47,6 +49,21 @@ class DecoderLayer(nn.Module):
         x = x + self.o_proj(attn.transpose(1, 2).reshape(b, 1, -1))
         h = self.post_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def _weight_bytes(layers: nn.Module) -> int:
+    """Bytes of the linear layers' weights as stored (dense, SparseLinear or BitmapLinear)."""
+    import wanda_kernels as wk
+
+    total = 0
+    for m in layers.modules():
+        if isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, wk.SparseLinear):
+            total += sum(t.numel() * t.element_size() for t in (m.values, m.meta))
+        elif isinstance(m, wk.BitmapLinear):
+            total += m.nbytes()
+    return total
 
 
 def decode_tokens_per_s(layers, batch, context, steps, hidden, heads, device, dtype, repeats=3, graph=False):
@@ -108,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=512, help="tokens already in the KV cache")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    p.add_argument("--formats", nargs="+", default=["2:4", "bitmap"], choices=["2:4", "bitmap"],
+                   help="sparse formats to time, each on its own pruned model (default: both)")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--allow-cpu", action="store_true", help="smoke-test on CPU with a tiny model (for CI)")
     args = p.parse_args(argv)
@@ -126,37 +145,49 @@ def main(argv=None) -> int:
     import wanda_kernels as wk
 
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
-    torch.manual_seed(0)
-    with torch.device(device):  # built on the GPU: no 26 GB of fp32 weights on the host
-        layers = nn.ModuleList(DecoderLayer(args.hidden, args.intermediate, args.heads)
-                               for _ in range(args.layers))
-    layers = layers.to(dtype)
-    for lin in (m for m in layers.modules() if isinstance(m, nn.Linear)):
-        wk.prune_(lin, torch.rand(lin.in_features, device=device) + 0.1, pattern="2:4")
-    log.info("%d layers, hidden %d, MLP %d, %s, pruned 2:4", args.layers, args.hidden, args.intermediate, dtype)
-
     dims = (args.context, args.steps, args.hidden, args.heads, device, dtype)
     modes = ["eager", "graph"] if device.type == "cuda" else ["eager"]
-    rows, dense_out = [], {}
-    for b in args.batches:
-        for mode in modes:
-            tok_s, dense_out[b, mode] = decode_tokens_per_s(layers, b, *dims, graph=mode == "graph")
-            rows.append(dict(batch=b, mode=mode, dense_tok_s=tok_s))
-    replaced = wk.sparsify_(layers)
-    kernel = layers[0].q_proj.kernel()
-    log.info("sparsify_ replaced %d linear layers (kernel: %s)", len(replaced), kernel)
-    for row in rows:
-        row["sparse_tok_s"], sparse_out = decode_tokens_per_s(layers, row["batch"], *dims,
-                                                              graph=row["mode"] == "graph")
-        ref = dense_out[row["batch"], row["mode"]].float()
-        # Same weights, same inputs: the two outputs differ by summation order only.
-        row["rel_diff_vs_dense"] = float((sparse_out.float() - ref).norm() / ref.norm())
-        row["outputs_match"] = row["rel_diff_vs_dense"] < 5e-2  # False for NaN too
-        row["speedup"] = row["sparse_tok_s"] / row["dense_tok_s"]
-        row.update(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, context=args.context,
-                   steps=args.steps, dtype=args.dtype, sparse_kernel=kernel)
-    print(format_table(rows, [("batch", "batch", "d"), ("mode", "mode", ""), ("dense_tok_s", "dense tok/s", ".1f"),
-                              ("sparse_tok_s", "2:4 tok/s", ".1f"), ("speedup", "speedup", ".2f"),
+    rows = []
+    for fmt in args.formats:
+        torch.manual_seed(0)
+        with torch.device(device):  # built on the GPU: no 26 GB of fp32 weights on the host
+            layers = nn.ModuleList(DecoderLayer(args.hidden, args.intermediate, args.heads)
+                                   for _ in range(args.layers))
+        layers = layers.to(dtype)
+        prune = dict(pattern="2:4") if fmt == "2:4" else dict(sparsity=0.5)
+        for lin in (m for m in layers.modules() if isinstance(m, nn.Linear)):
+            wk.prune_(lin, torch.rand(lin.in_features, device=device) + 0.1, **prune)
+        dense_bytes = _weight_bytes(layers)
+        log.info("%d layers, hidden %d, MLP %d, %s, pruned %s", args.layers, args.hidden, args.intermediate, dtype,
+                 fmt if fmt == "2:4" else "50% unstructured")
+        fmt_rows, dense_out = [], {}
+        for b in args.batches:
+            for mode in modes:
+                tok_s, dense_out[b, mode] = decode_tokens_per_s(layers, b, *dims, graph=mode == "graph")
+                fmt_rows.append(dict(format=fmt, batch=b, mode=mode, dense_tok_s=tok_s))
+        replaced = wk.sparsify_(layers, format=fmt)
+        kernel = layers[0].q_proj.kernel()
+        sparse_bytes = _weight_bytes(layers)
+        log.info("sparsify_(format=%r) replaced %d linear layers (kernel: %s); weights %.2f of dense bytes", fmt,
+                 len(replaced), kernel, sparse_bytes / dense_bytes)
+        for row in fmt_rows:
+            row["sparse_tok_s"], sparse_out = decode_tokens_per_s(layers, row["batch"], *dims,
+                                                                  graph=row["mode"] == "graph")
+            ref = dense_out[row["batch"], row["mode"]].float()
+            # Same weights, same inputs: the two outputs differ by summation order only.
+            row["rel_diff_vs_dense"] = float((sparse_out.float() - ref).norm() / ref.norm())
+            row["outputs_match"] = row["rel_diff_vs_dense"] < 5e-2  # False for NaN too
+            row["speedup"] = row["sparse_tok_s"] / row["dense_tok_s"]
+            row.update(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, context=args.context,
+                       steps=args.steps, dtype=args.dtype, sparse_kernel=kernel,
+                       weight_bytes_ratio=sparse_bytes / dense_bytes)
+        rows += fmt_rows
+        del layers
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(format_table(rows, [("format", "format", ""), ("batch", "batch", "d"), ("mode", "mode", ""),
+                              ("dense_tok_s", "dense tok/s", ".1f"), ("sparse_tok_s", "sparse tok/s", ".1f"),
+                              ("speedup", "speedup", ".2f"), ("weight_bytes_ratio", "weight bytes", ".3f"),
                               ("rel_diff_vs_dense", "rel diff", ".2e")]))
     env = environment(device)
     if device.type == "cpu":
@@ -164,8 +195,8 @@ def main(argv=None) -> int:
     print(f"\nwrote {write_results('e2e_decode', env, rows, args.out_dir)}")
     bad = [r for r in rows if not r["outputs_match"]]
     for r in bad:
-        log.error("sparse decode output differs from dense: relative difference %.3g at batch %d (%s)",
-                  r["rel_diff_vs_dense"], r["batch"], r["mode"])
+        log.error("sparse decode output differs from dense: relative difference %.3g at batch %d (%s, %s)",
+                  r["rel_diff_vs_dense"], r["batch"], r["mode"], r["format"])
     return 1 if bad else 0
 
 

@@ -1,4 +1,4 @@
-"""2:4 sparse GEMM vs dense: ``python benchmarks/gemm_2to4.py``
+"""2:4 and bitmap (unstructured 50%) sparse GEMMs vs dense: ``python benchmarks/gemm_2to4.py``
 
 For LLaMA-7B/13B/70B linear shapes and 1, 16, 128, 2048, 8192 tokens, in fp16 and
 bf16, times in one run (``triton.testing.do_bench`` medians):
@@ -12,7 +12,10 @@ bf16, times in one run (``triton.testing.do_bench`` medians):
            ``decode`` 64x32x256, ``large`` 128x128x128 with a 1x2 cluster, ``streamk``
            128x32x256 with stream-K (compute capability 9.0 only);
 * torch    PyTorch's ``to_sparse_semi_structured`` weight in ``F.linear`` (its CUTLASS
-           backend on 8.x, cuSPARSELt elsewhere; the table says which ran, or why none could).
+           backend on 8.x, cuSPARSELt elsewhere; the table says which ran, or why none could);
+* bitmap   ``BitmapLinear`` end to end: the same shape pruned 50% *unstructured* (Wanda's
+           better-quality pattern) in the bitmap format, Triton kernel (0.5625 of the dense
+           bytes: the memory-bound ceiling is 1.78x dense).
 
 TFLOP/s are effective dense rates, 2 * tokens * out * in / time, for every column, so
 they compare directly. GB/s count the bytes each method must move at least (weight as
@@ -135,7 +138,8 @@ def run_case(model, layer, shape, tokens, dtype, device, kernels, bandwidth):
     elt = weight.element_size()
     io_bytes = elt * tokens * (in_f + out_f)
     moved = {"dense": elt * out_f * in_f + io_bytes,  # the least each method must read and write
-             "sparse": elt * out_f * in_f // 2 + out_f * in_f // 8 + io_bytes}
+             "sparse": elt * out_f * in_f // 2 + out_f * in_f // 8 + io_bytes,
+             "bitmap": elt * out_f * in_f // 2 + 4 * out_f * -(-in_f // 32) + io_bytes}
     row = dict(model=model, layer=layer, out_features=out_f, in_features=in_f, tokens=tokens,
                dtype=str(dtype).replace("torch.", ""))
     notes = {}
@@ -196,6 +200,21 @@ def run_case(model, layer, shape, tokens, dtype, device, kernels, bandwidth):
             timings[key] = time_fns(key, [lambda s=s: F.linear(x, s) for s in copies])
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run this shape is reported, not fatal
             row[f"{key}_error"] = str(exc).splitlines()[0][:200]
+    # The bitmap format: the same shape pruned 50% unstructured, checked against its own weight.
+    lin_u = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
+    wk.prune_(lin_u, torch.rand(in_f, generator=g, device=device) + 0.1, 0.5)
+    bl = wk.BitmapLinear.from_linear(lin_u)
+    row["bitmap_kernel"] = bl.kernel()
+    w_u = lin_u.weight.detach()
+    ref_u = F.linear(x.float(), w_u.float())
+    err_u = float((bl(x).float() - ref_u).abs().max())
+    dense_err_u = float((F.linear(x, w_u).float() - ref_u).abs().max())
+    errors["bitmap"] = err_u
+    if not err_u <= 2 * dense_err_u + 1e-3:
+        raise RuntimeError(f"bitmap: max error {err_u:.3g} vs dense {dense_err_u:.3g} ({model} {layer} {tokens} tok)")
+    bls = [bl] + [copy.deepcopy(bl) for _ in range(n_copies - 1)]
+    timings["bitmap"] = time_fns("bitmap", [lambda m=m: m(x) for m in bls])
+    del bls
     torch_keys = [k for k in timings if k.startswith("torch_")]
     if torch_keys:
         row["torch_best"] = min(torch_keys, key=timings.get)
@@ -205,14 +224,14 @@ def run_case(model, layer, shape, tokens, dtype, device, kernels, bandwidth):
         row["timing_notes"] = notes
 
     for key in ("dense", "ours", "ours_eager", "sm80", *(f"sm90_{c}" for c in SM90_CONFIGS), "sm90", "torch",
-                *torch_keys):
+                *torch_keys, "bitmap"):
         ms = timings.get(key)
         row[f"{key}_ms"] = ms
         row[f"{key}_tflops"] = tflops(flops, ms) if ms else None
-        row[f"{key}_gbps"] = gbps(moved["dense" if key == "dense" else "sparse"], ms) if ms else None
+        row[f"{key}_gbps"] = gbps(moved[key if key in ("dense", "bitmap") else "sparse"], ms) if ms else None
         if key != "dense":
             row[f"speedup_{key}"] = timings["dense"] / ms if ms else None
-    for key in ("dense", "ours", "sm90"):
+    for key in ("dense", "ours", "sm90", "bitmap"):
         for ref_name, ref in (("peak", bandwidth.get("peak_hbm_gbps")), ("copy", bandwidth.get("copy_gbps"))):
             row[f"{key}_pct_{ref_name}"] = 100.0 * row[f"{key}_gbps"] / ref if ref and row[f"{key}_gbps"] else None
     return row
@@ -230,12 +249,14 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, dtype in zip(axes, ("float16", "bfloat16")):
         for (model, layer), group in _groups(rows, dtype).items():
-            ax.plot([r["tokens"] for r in group], [r["speedup_ours"] for r in group], marker="o",
-                    label=f"{model} {layer} ({group[0]['out_features']}x{group[0]['in_features']})")
+            line, = ax.plot([r["tokens"] for r in group], [r["speedup_ours"] for r in group], marker="o",
+                            label=f"{model} {layer} ({group[0]['out_features']}x{group[0]['in_features']}) 2:4")
+            ax.plot([r["tokens"] for r in group], [r["speedup_bitmap"] for r in group], marker="s", ls=":",
+                    color=line.get_color(), label=f"{model} {layer} bitmap 50%")
         ax.axhline(1.0, color="gray", lw=1, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens")
-        ax.set_title(f"SparseLinear (2:4) speedup over dense, {dtype}")
+        ax.set_title(f"speedup over dense, {dtype}: 2:4 (solid), bitmap 50% (dotted)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("dense time / sparse time")
     axes[1].legend(fontsize=7)
@@ -302,10 +323,10 @@ def main(argv=None) -> int:
                         failed.append(dict(model=model, layer=layer, tokens=tokens, dtype=dtype_name, error=str(exc)))
                         continue
                     rows.append(r)
-                    log.info("%s %-8s %5d tok %s: dense %.4f ms, ours %.4f ms (%.2fx), sm90 best %s, torch %s",
-                             model, layer, tokens, dtype_name, r["dense_ms"], r["ours_ms"], r["speedup_ours"],
-                             r.get("sm90_best"), f"{r['torch_ms']:.4f} ms ({r['torch_best']})" if r.get("torch_ms")
-                             else "-")
+                    log.info("%s %-8s %5d tok %s: dense %.4f ms, ours %.4f ms (%.2fx), sm90 best %s, torch %s, "
+                             "bitmap %.4f ms (%.2fx)", model, layer, tokens, dtype_name, r["dense_ms"], r["ours_ms"],
+                             r["speedup_ours"], r.get("sm90_best"), f"{r['torch_ms']:.4f} ms ({r['torch_best']})"
+                             if r.get("torch_ms") else "-", r["bitmap_ms"], r["speedup_bitmap"])
                     # Written after every case: a run stopped by a time limit keeps what it measured.
                     json_path = write_results(result_name, {**env, "failed": failed}, rows, args.out_dir,
                                               path=json_path)
@@ -324,11 +345,13 @@ def main(argv=None) -> int:
         ("sm90_streamk_ms", "sm90 sk ms", ".4f"), ("sm90_wide_ms", "sm90 wide ms", ".4f"),
         ("speedup_sm90", "best x dense", ".2f"),
         ("torch_ms", "torch ms", ".4f"), ("speedup_torch", "x dense", ".2f"), ("ours_eager_ms", "eager ms", ".4f"),
+        ("bitmap_ms", "bitmap ms", ".4f"), ("bitmap_pct_peak", "% peak", ".0f"), ("speedup_bitmap", "x dense", ".2f"),
     ]))
     refused = sorted({f"{k[:-6]}: {v}" for r in rows for k, v in r.items() if k.endswith("_error")})
     fastest = sorted({r.get("torch_best") for r in rows} - {None})
     print(f"\nPyTorch 2:4 backends fastest in some case: {fastest}; refused: {refused or 'none'}")
-    print(f"SparseLinear kernel: {'; '.join(sorted({r['ours_kernel'] for r in rows}))}")
+    print(f"SparseLinear kernel: {'; '.join(sorted({r['ours_kernel'] for r in rows}))}; BitmapLinear kernel: "
+          f"{'; '.join(sorted({r['bitmap_kernel'] for r in rows}))}")
     json_path = write_results(result_name, env, rows, args.out_dir, path=json_path)
     csv_path = json_path.with_suffix(".csv")
     with open(csv_path, "w", newline="") as fh:

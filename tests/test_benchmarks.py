@@ -42,6 +42,9 @@ def test_gemm_2to4_smoke(tmp_path):
         assert r["timing"] == "triton do_bench median" and r["weight_copies"] == 1
         assert r["sm80_ms"] is None and r["sm90_ms"] is None
         assert r["dense_gbps"] > 0 and r["ours_gbps"] > 0
+        # The bitmap column: 50% unstructured at the same shape, timed after its output was checked.
+        assert r["bitmap_ms"] > 0 and r["speedup_bitmap"] == pytest.approx(r["dense_ms"] / r["bitmap_ms"])
+        assert r["max_abs_err"]["bitmap"] < 1e-2 and r["bitmap_kernel"].startswith("dense fallback")
     assert data["environment"]["copy_gbps"] > 0 and data["environment"]["kernels_timed"] == []
     assert result.with_suffix(".csv").exists()
     if __import__("importlib").util.find_spec("matplotlib"):
@@ -53,7 +56,10 @@ def test_e2e_decode_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = tmp_path.glob("e2e_decode_*.json")
     rows = json.loads(result.read_text())["results"]
-    assert [r["batch"] for r in rows] == [1, 16] and {r["mode"] for r in rows} == {"eager"}  # graphs need CUDA
+    assert [(r["format"], r["batch"]) for r in rows] == [("2:4", 1), ("2:4", 16), ("bitmap", 1), ("bitmap", 16)]
+    assert {r["mode"] for r in rows} == {"eager"}  # graphs need CUDA
+    # 16-bit weights: half of them plus metadata (2:4: 2 bits per weight; bitmap: 1 bit)
+    assert all(r["weight_bytes_ratio"] == pytest.approx(0.5625) for r in rows)
     assert all(r["dense_tok_s"] > 0 and r["sparse_tok_s"] > 0 for r in rows)
     # Dense and sparse decode the same cache and input: their outputs are compared.
     assert all(r["outputs_match"] and r["rel_diff_vs_dense"] < 5e-2 for r in rows)
@@ -152,3 +158,20 @@ def test_prune_distributed_smoke(tmp_path):
     assert one["weights_sha256"] == two["weights_sha256"] and len(two["per_rank"]) == 2
     assert two["speedup_vs_first"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"])
     assert all(r["tokens_per_s"] == pytest.approx(48 / r["seconds"]) for r in (one, two))
+
+
+def test_bitmap_checkpoint_smoke(tmp_path):
+    from test_pipeline import _assets_or_skip
+
+    _assets_or_skip()
+    proc = _run("bitmap_checkpoint.py", "--patterns", "50%", "--nsamples", "2", "--seqlen", "32", "--eval-tokens",
+                "128", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("bitmap_checkpoint_*.json")
+    (row,) = json.loads(result.read_text())["results"]
+    # Wanda keeps the same count in every row of all 210 layers: values + 1 bit per weight, no offsets.
+    assert row["pattern"] == "50%" and row["sparse_layers"] == 210 and row["rows_with_offsets"] == 0
+    assert row["sparse_layers_ratio"] == 0.5625 and row["model_ratio"] < 0.66
+    assert row["bitmap_file_bytes"] < row["dense_file_bytes"] / 3  # fp32 dense file on the CPU
+    # On the CPU BitmapLinear runs F.linear on the decompressed fp16 weights: the same perplexity.
+    assert row["bitmap_perplexity"] == row["dense_perplexity"] and row["bitmap_kernel"].startswith("dense fallback")

@@ -14,7 +14,8 @@
 #   tools/gpu_check.sh tune-schedules  benchmarks/tune_sm90.py --schedules      -> tune_sm90_schedules_fp16_<gpu>_<date>.json
 #   tools/gpu_check.sh smollm2       the built-in SmolLM2-135M on the GPU: the perplexity table, a Wanda prune
 #                                    with the paper's calibration on the GPU and on this machine's CPU, the
-#                                    demo, and a SmolLM2-shaped decode  -> smollm2/ (needs the model's and
+#                                    demo, the bitmap checkpoint (BitmapLinear's perplexity and eval time),
+#                                    and a SmolLM2-shaped decode  -> smollm2/ (needs the model's and
 #                                    corpus's assets installed: tools/install_assets.sh, or see NOTES.md)
 #
 # Several steps may be named in one call; each runs under its own time limit, and a
@@ -99,6 +100,8 @@ for step in "$@"; do
           --sparsity 0.5 --device $dev --eval --output \"\$(mktemp -d)/pruned\""
       done
       run_step demo smollm2/demo.txt bash -c "time '$PY' -m wanda_kernels demo --device cuda --output-dir '$OUT/smollm2'"
+      run_step bitmap-checkpoint smollm2/bitmap_checkpoint.txt "$PY" benchmarks/bitmap_checkpoint.py --device cuda \
+        --out-dir "$OUT/smollm2"
       run_step decode-smollm2-shape smollm2/e2e_decode.txt "$PY" benchmarks/e2e_decode.py --layers 30 --hidden 576 \
         --intermediate 1536 --heads 9 --out-dir "$OUT/smollm2" ;;
     tune-schedules)
