@@ -150,6 +150,17 @@ def check_score_inputs(weight: torch.Tensor, norms, metric: str) -> torch.Tensor
     return norms32.abs().contiguous()
 
 
+def check_bias(bias, out_features: int, x: torch.Tensor) -> None:
+    """A GEMM op's ``bias``: None, or ``(out_features,)`` of ``x``'s dtype (ValueError/TypeError naming it)."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
+        shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias must be None or a tensor of shape ({out_features},); got {shape}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"bias is {bias.dtype} but x is {x.dtype}: the bias must have the input's dtype")
+
+
 def check_divisible(in_features: int, nm: tuple[int, int] | None, what: str = "weight") -> None:
     if nm is not None and in_features % nm[1] != 0:
         raise ValueError(

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import resolve_backend, triton_available, triton_interpreting
-from ._validation import BACKENDS, check_choice
+from ._validation import BACKENDS, check_bias, check_choice
 from ._warn import warn_once
 from .bitmap import CHUNK_COLS, _dense, check_bitmap, table_chunks
 
@@ -33,6 +33,10 @@ def check_operands(x, values, bitmap, chunks, bias) -> None:
     values' dtype (float16/bfloat16); ``bitmap (out, ceil(in/32))`` int32; ``values`` of the
     format (:func:`~wanda_kernels.bitmap.check_bitmap`; 1-D for unequal rows); ``chunks
     (out, ceil(in/CHUNK_COLS))`` int32; ``bias (out,)`` of x's dtype or None; one device.
+
+    Shapes, dtypes and devices only: no data is read (no host synchronisation), so bits
+    that do not match the values are not caught here; ``BitmapLinear`` checks them when it
+    is built or loaded (:func:`~wanda_kernels.bitmap.check_bitmap_data`).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
@@ -48,16 +52,10 @@ def check_operands(x, values, bitmap, chunks, bias) -> None:
     if not isinstance(chunks, torch.Tensor) or chunks.dtype != torch.int32 or tuple(chunks.shape) != (out, n_chunks):
         raise ValueError(f"chunks (the chunk offset table) must be int32 of shape ({out}, {n_chunks}); got "
                          f"{getattr(chunks, 'dtype', '')} {_shape(chunks)}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out,):
-            raise ValueError(f"bias must be None or a tensor of shape ({out},); got {_shape(bias)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias is {bias.dtype} but x is {x.dtype}: the bias must have the input's dtype")
-    for name, t in (("values", values), ("chunks", chunks), ("bias", bias)):
+    check_bias(bias, out, x)
+    for name, t in (("bitmap", bitmap), ("chunks", chunks), ("bias", bias)):  # values: on bitmap's (checked)
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if bitmap.device != x.device:
-        raise ValueError(f"bitmap is on {bitmap.device} but x is on {x.device}")
     if not chunks.is_contiguous():
         raise ValueError(f"chunks must be contiguous; got strides {chunks.stride()}")
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .._layout24 import COL_MULTIPLE, DTYPES_24, META_FORMATS, ROW_MULTIPLE, meta_shape, round_up
-from .._validation import check_choice, check_positive_int
+from .._validation import check_bias, check_choice, check_positive_int
 from .._warn import warn_once
 from ..sparse24 import decompress_24
 from .launch import launch_sm80, launch_sm90
@@ -163,11 +163,7 @@ def check_operands(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bi
     if meta.dtype != torch.int16 or tuple(meta.shape) != want:
         raise ValueError(f"meta for values {_shape(values)} in the {meta_format} layout must be int16 of shape "
                          f"{want}; got {meta.dtype} {_shape(meta)}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias must be None or a tensor of shape ({out_features},); got {_shape(bias)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias is {bias.dtype} but x is {x.dtype}: the bias must have the input's dtype")
+    check_bias(bias, out_features, x)
     for name, t in (("values", values), ("meta", meta), ("bias", bias)):
         if t is None:
             continue

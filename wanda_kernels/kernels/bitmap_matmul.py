@@ -12,11 +12,12 @@ nothing. The dense ``(BLOCK_N, BLOCK_K)`` tile then meets x in fp32:
   the token dimension to tl.dot's 16;
 * ``USE_DOT=True`` (more tokens): ``tl.dot`` on the tensor cores, fp32 accumulation.
 
-Decode is memory-bound and its grid is small (``out / BLOCK_N`` programs), so K is split
-(grid axis 1): a split starts at a chunk of ``CHUNK`` columns (``bitmap.CHUNK_COLS``) and finds its place
-in the values in the chunk offset table, one load per row, instead of counting the bits
-of every word before it (which would read up to the whole bitmap row again). Splits
-write fp32 partial sums that torch adds in a fixed order (deterministic, no atomics).
+Decode (up to 16 tokens) is memory-bound and its grid is small (``out / BLOCK_N``
+programs), so K is split (grid axis 1): a split starts at a chunk of ``CHUNK`` columns
+(``bitmap.CHUNK_COLS``) and finds its place in the values in the chunk offset table, one
+load per row, instead of counting the bits of every word before it (which would read up
+to the whole bitmap row again). Splits write fp32 partial sums that torch adds in a
+fixed order (deterministic, no atomics).
 
 Launch parameters here are first guesses, not yet tuned on a GPU (``config_for``).
 """
