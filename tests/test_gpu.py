@@ -132,22 +132,26 @@ def test_sparse_linear_captures_and_replays_in_a_cuda_graph():
     wk.prune_(lin, torch.rand(4096, device="cuda") + 0.1, pattern="2:4")
     sl = wk.SparseLinear.from_linear(lin)
     for tokens in (1, 16, 300):
-        x = torch.randn(tokens, 4096, device="cuda", dtype=torch.float16)
-        eager = sl(x)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            sl(x)  # warm-up on a side stream, as torch.cuda.graphs asks
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = sl(x)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        # The replay reads the new x: same kernel, same inputs -> the same bits as eager.
-        assert torch.equal(y, sl(x)), tokens
-        assert not torch.equal(y[: eager.shape[0]], eager)
+        _assert_graph_replay_reads_new_input(sl, torch.randn(tokens, 4096, device="cuda", dtype=torch.float16))
+
+
+def _assert_graph_replay_reads_new_input(module, x):
+    """Capture ``module(x)`` in a CUDA graph, refill ``x``, replay: the output must be
+    ``module(new x)`` bit for bit (same kernel, same inputs), and differ from the old one."""
+    before = module(x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        module(x)  # warm-up on a side stream, as torch.cuda.graphs asks
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = module(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, module(x)), tuple(x.shape)
+    assert not torch.equal(y, before)
 
 
 def test_sparse_linear_direct_path_equals_the_op_and_never_syncs():
@@ -409,18 +413,7 @@ def test_bitmap_linear_direct_path_equals_the_op_never_syncs_and_replays_in_a_gr
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert torch.equal(direct, via_op), tokens
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            bl(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = bl(x)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y, bl(x)), tokens
+        _assert_graph_replay_reads_new_input(bl, x)
 
 
 def test_bitmap_sparsify_and_compile_on_gpu():
