@@ -26,6 +26,40 @@ LLAMA_SHAPES = {
 }
 
 
+def add_protocol_args(p) -> None:
+    """The options of the SmolLM2 + Austen protocol (``ppl_table.py``, ``bitmap_checkpoint.py``)."""
+    p.add_argument("--model", default=None, help="local HF model folder (default: the built-in SmolLM2-135M)")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens of Emma (default 8192)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out-dir", default=None)
+
+
+def load_protocol(args):
+    """``(device, dtype, model, tokenizer, calib, windows)`` for :func:`add_protocol_args`' options.
+
+    The model in fp16 on CUDA, fp32 on a CPU; calibration windows (seed 0) from the Austen
+    novels other than Emma; evaluation windows from Emma.
+    """
+    from wanda_kernels.llm import data, models
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model, tok = models.load_model(args.model, dtype=dtype, device=device)
+    calib = data.sample_windows(tok, data.load_corpus(split="calib"), args.nsamples, args.seqlen, seed=0)
+    windows = data.eval_windows(tok, data.load_corpus(split="eval"), args.seqlen, max_tokens=args.eval_tokens)
+    return device, dtype, model, tok, calib, windows
+
+
+def protocol_info(args, windows, script: str, argv) -> dict:
+    """What a protocol run records: model, calibration and evaluation sizes, the command."""
+    return dict(model=args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", nsamples=args.nsamples,
+                seqlen=args.seqlen, eval_tokens=int(windows.numel()),
+                command=f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+
 def gbps(nbytes: float, ms: float) -> float:
     """Bytes moved in ``ms`` milliseconds, in GB/s (10**9 bytes per second)."""
     return nbytes / (ms * 1e-3) / 1e9

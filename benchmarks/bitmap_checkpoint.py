@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from _common import environment, format_table, write_results
+from _common import add_protocol_args, environment, format_table, load_protocol, protocol_info, write_results
 
 log = logging.getLogger("bitmap_checkpoint")
 
@@ -54,26 +54,16 @@ def _tensor_bytes(path: Path, only: tuple[str, ...] | None = None) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="local HF model folder (default: the built-in SmolLM2-135M)")
     p.add_argument("--patterns", nargs="+", default=["50%", "60%", "4:8"], choices=list(PATTERNS))
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
-    p.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens of Emma (default 8192)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out-dir", default=None)
+    add_protocol_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from wanda_kernels import BitmapLinear
-    from wanda_kernels.llm import checkpoint, data, evaluate, models, pipeline
+    from wanda_kernels.llm import checkpoint, evaluate, models, pipeline
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device, work_dtype, model, tok, calib, windows = load_protocol(args)
     stored = torch.float16
-    work_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    model, tok = models.load_model(args.model, dtype=work_dtype, device=device)
-    calib = data.sample_windows(tok, data.load_corpus(split="calib"), args.nsamples, args.seqlen, seed=0)
-    windows = data.eval_windows(tok, data.load_corpus(split="eval"), args.seqlen, max_tokens=args.eval_tokens)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     rows = []
     for label in args.patterns:
@@ -127,10 +117,8 @@ def main(argv=None) -> int:
         ("dense_perplexity", "ppl dense", ".3f"), ("bitmap_perplexity", "ppl bitmap", ".3f"),
         ("dense_eval_seconds", "eval dense s", ".1f"), ("bitmap_eval_seconds", "eval bitmap s", ".1f")]))
     env = environment(device)
-    env.update(model=args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", work_dtype=str(work_dtype),
-               stored_dtype=str(stored), nsamples=args.nsamples, seqlen=args.seqlen,
-               eval_tokens=int(windows.numel()),
-               command="python benchmarks/bitmap_checkpoint.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    env.update(work_dtype=str(work_dtype), stored_dtype=str(stored),
+               **protocol_info(args, windows, "bitmap_checkpoint.py", argv))
     print(f"\nwrote {write_results('bitmap_checkpoint', env, rows, args.out_dir)}")
     mismatch = [r["pattern"] for r in rows if device.type == "cpu" and r["dense_perplexity"] != r["bitmap_perplexity"]]
     if mismatch:  # on a CPU both run F.linear on the same fp16 weights

@@ -13,9 +13,7 @@ import argparse
 import logging
 import sys
 
-import torch
-
-from _common import environment, write_results
+from _common import add_protocol_args, environment, load_protocol, protocol_info, write_results
 
 log = logging.getLogger("ppl_table")
 
@@ -25,23 +23,13 @@ METHODS = ["magnitude", "wanda", "sparsegpt"]
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="local HF model folder (default: the built-in SmolLM2-135M)")
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
-    p.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens of Emma (default 8192)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out-dir", default=None)
+    add_protocol_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from wanda_kernels.llm import data, evaluate, models, pipeline
+    from wanda_kernels.llm import evaluate, pipeline
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    model, tok = models.load_model(args.model, dtype=dtype, device=device)
-    calib = data.sample_windows(tok, data.load_corpus(split="calib"), args.nsamples, args.seqlen, seed=0)
-    windows = data.eval_windows(tok, data.load_corpus(split="eval"), args.seqlen, max_tokens=args.eval_tokens)
+    device, dtype, model, tok, calib, windows = load_protocol(args)
     log.info("%s on %s (%s): calibration %d x %d tokens, evaluation %d tokens of Emma", type(model).__name__, device,
              dtype, *calib.shape, windows.numel())
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -60,9 +48,7 @@ def main(argv=None) -> int:
             log.info("%s %s: %.2f (pruned in %.1f s)", method, label, ppl, report.total_seconds)
 
     env = environment(device)
-    env.update(model=args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", dtype=str(dtype),
-               nsamples=args.nsamples, seqlen=args.seqlen, eval_tokens=int(windows.numel()),
-               command="python benchmarks/ppl_table.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    env.update(dtype=str(dtype), **protocol_info(args, windows, "ppl_table.py", argv))
     path = write_results("ppl_table", env, rows, args.out_dir)
     md = _markdown(rows, env)
     path.with_suffix(".md").write_text(md)
