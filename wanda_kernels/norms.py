@@ -67,6 +67,16 @@ def accumulate_sq_norms_(sq_norms: torch.Tensor, x: torch.Tensor, *, backend: st
     return sq_norms
 
 
+def sum_call_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``(calls, ...)`` fp32 per-call sums -> ``(...)`` fp32: one ``sum(dim=0)`` in fp64, in row order.
+
+    The one definition of how per-call statistics are combined, so that the collector's
+    ``sq_norms`` and ``prune_model``'s distributed sum (the same rows gathered in sample
+    order) give the same bits.
+    """
+    return rows.double().sum(dim=0).float()
+
+
 class ActNormCollector:
     """Context manager that accumulates the input norms of a model's linear layers.
 
@@ -156,7 +166,7 @@ class ActNormCollector:
     def sq_norms(self) -> dict[str, torch.Tensor]:
         """``{name: (in_features,) float32}``: the accumulated ``sum_t x[t, j]**2``."""
         if self.per_call:
-            return {name: rows.double().sum(dim=0).float() for name, rows in self.call_sq_norms().items()}
+            return {name: sum_call_rows(rows) for name, rows in self.call_sq_norms().items()}
         return dict(self._sq)
 
     def call_sq_norms(self) -> dict[str, torch.Tensor]:

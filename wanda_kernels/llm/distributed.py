@@ -43,6 +43,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..norms import sum_call_rows
+
 logger = logging.getLogger("wanda_kernels")
 
 __all__ = ["Shard", "RankFailed", "current_shard", "shard_bounds", "step", "init_from_env", "env_rank",
@@ -106,12 +108,13 @@ class Shard:
 
         Returns:
             ``(...)`` fp32 on ``rows.device``: the rows of all ranks in rank order, summed
-            in fp64 by one ``sum(dim=0)`` over the gathered ``(K, ...)`` tensor, which is
-            the same tensor on every rank and for every world size.
+            in fp64 by one ``sum(dim=0)`` (:func:`~wanda_kernels.norms.sum_call_rows`) over the
+            gathered ``(K, ...)`` tensor, which is the same tensor on every rank and for every
+            world size.
         """
         if self.distributed:
             rows = self._gather_rows(rows)
-        return rows.double().sum(dim=0).float()
+        return sum_call_rows(rows)
 
     def sum_fp64(self, local: torch.Tensor) -> torch.Tensor:
         """``local`` (fp64, any shape) summed over the ranks, in place (all-reduce); returns it."""
