@@ -57,8 +57,9 @@ def main(argv=None) -> int:
             def unstructured(write_mask=False, nw=nw):
                 # Timed as prune_ runs it: pruning a copy in place (idempotent: the pruned
                 # zeros score lowest again). Checked once on the mask output.
-                wanda_mask_kernel[(out_f,)](w if write_mask else wt, norms, mask.view(torch.uint8), in_f, k,
-                                             w.stride(0), w.stride(1), mask.stride(0), USE_NORMS=True,
+                wanda_mask_kernel[(out_f,)](w if write_mask else wt, norms, norms, norms, mask.view(torch.uint8), in_f,
+                                             k, w.stride(0), w.stride(1), mask.stride(0), USE_NORMS=True,
+                                             RELATIVE=False,
                                              WRITE_WEIGHT=not write_mask, WRITE_MASK=write_mask, BLOCK_N=block_n,
                                              num_warps=nw)
 
@@ -78,9 +79,10 @@ def main(argv=None) -> int:
                     grid = (out_f, triton.cdiv(in_f // m, block_g))
 
                     def nm_kernel(write_mask=False, nw=nw, block_g=block_g, grid=grid, n=n, m=m, m_pad=m_pad):
-                        wanda_nm_mask_kernel[grid](w if write_mask else wt, norms, mask.view(torch.uint8), in_f,
-                                                    w.stride(0), w.stride(1), mask.stride(0), N=n, M=m, M_PAD=m_pad,
-                                                    BLOCK_G=block_g, USE_NORMS=True, WRITE_WEIGHT=not write_mask,
+                        wanda_nm_mask_kernel[grid](w if write_mask else wt, norms, norms, norms, mask.view(torch.uint8),
+                                                    in_f, w.stride(0), w.stride(1), mask.stride(0), N=n, M=m,
+                                                    M_PAD=m_pad, BLOCK_G=block_g, USE_NORMS=True, RELATIVE=False,
+                                                    WRITE_WEIGHT=not write_mask,
                                                     WRITE_MASK=write_mask, num_warps=nw)
 
                     nm_kernel(True)

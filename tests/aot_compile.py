@@ -28,15 +28,19 @@ TORCH_TO_TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 def variants():
     strides = {"stride_wr": "i64", "stride_wc": "i64", "stride_mr": "i64"}
     for dt in ("fp16", "bf16", "fp32"):
-        for block_n, use_norms, write_mask in ((256, True, True), (4096, False, False), (16384, True, False)):
-            sig = {"w_ptr": f"*{dt}", "norms_ptr": "*fp32", "mask_ptr": "*u8", "n_cols": "i32", "k_prune": "i32", **strides}
-            const = {"USE_NORMS": use_norms, "WRITE_WEIGHT": True, "WRITE_MASK": write_mask, "BLOCK_N": block_n}
+        ria = {"row_inv_ptr": "*fp32", "col_inv_ptr": "*fp32"}
+        for block_n, use_norms, relative, write_mask in ((256, True, False, True), (4096, False, False, False),
+                                                         (16384, True, False, False), (4096, True, True, True)):
+            sig = {"w_ptr": f"*{dt}", "norms_ptr": "*fp32", **ria, "mask_ptr": "*u8", "n_cols": "i32",
+                   "k_prune": "i32", **strides}
+            const = {"USE_NORMS": use_norms, "RELATIVE": relative, "WRITE_WEIGHT": True, "WRITE_MASK": write_mask,
+                     "BLOCK_N": block_n}
             yield "wanda_mask_kernel", wanda_mask.wanda_mask_kernel, sig, const, wanda_mask._num_warps(block_n)
-        for n, m in ((2, 4), (4, 8), (1, 3), (16, 32)):
+        for n, m, relative in ((2, 4, False), (4, 8, False), (1, 3, False), (16, 32, False), (2, 4, True)):
             m_pad = triton.next_power_of_2(m)
-            sig = {"w_ptr": f"*{dt}", "norms_ptr": "*fp32", "mask_ptr": "*u8", "n_cols": "i32", **strides}
+            sig = {"w_ptr": f"*{dt}", "norms_ptr": "*fp32", **ria, "mask_ptr": "*u8", "n_cols": "i32", **strides}
             const = {"N": n, "M": m, "M_PAD": m_pad, "BLOCK_G": max(1, 4096 // (m_pad * m_pad)),
-                     "USE_NORMS": True, "WRITE_WEIGHT": True, "WRITE_MASK": True}
+                     "USE_NORMS": True, "RELATIVE": relative, "WRITE_WEIGHT": True, "WRITE_MASK": True}
             yield "wanda_nm_mask_kernel", wanda_mask.wanda_nm_mask_kernel, sig, const, 4
         sig = {"x_ptr": f"*{dt}", "partial_ptr": "*fp32", "n_tokens": "i32", "n_cols": "i32",
                "stride_xt": "i64", "stride_xc": "i64"}

@@ -20,9 +20,30 @@ import torch
 _CHUNK_ELEMENTS = 1 << 23
 
 
-def score_keys(weight: torch.Tensor, norms32: torch.Tensor | None) -> torch.Tensor:
-    """int32 keys whose order is the order of the fp32 scores ``|W| * norms`` (or ``|W|``)."""
+def relative_terms(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RIA's relative-importance factors: ``(1 / sum_j |W[i, j]|  (rows,), 1 / sum_i |W[i, j]|  (cols,))``.
+
+    fp32 on the weight's device; an all-zero row or column gets 0 (its scores are all 0
+    anyway). Both backends take them from here, so their scores are the same bits.
+    """
+    absw = weight.abs().float()
+    row, col = absw.sum(dim=1), absw.sum(dim=0)
+    return (torch.where(row > 0, 1.0 / row, torch.zeros_like(row)).contiguous(),
+            torch.where(col > 0, 1.0 / col, torch.zeros_like(col)).contiguous())
+
+
+def score_keys(weight: torch.Tensor, norms32: torch.Tensor | None,
+               relative: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """int32 keys whose order is the order of the fp32 scores.
+
+    ``|W| * norms`` (Wanda), ``|W|`` (magnitude, ``norms32`` None), or with ``relative =
+    (row_inv (rows,), col_inv (cols,))`` RIA's ``|W| * (row_inv[i] + col_inv[j]) * norms``
+    (``norms32`` then holds ``||X_j||^a``). The Triton kernels compute the same products in
+    the same order.
+    """
     score = weight.abs().float()
+    if relative is not None:
+        score = score * (relative[0][:, None] + relative[1][None, :])
     if norms32 is not None:
         score = score * norms32[None, :]
     return score.view(torch.int32)
@@ -46,18 +67,22 @@ def select_lowest(keys: torch.Tensor, k: int) -> torch.Tensor:
     return below | (tie & (tie.cumsum(dim=1) <= missing))
 
 
-def keep_unstructured(weight: torch.Tensor, norms32: torch.Tensor | None, k: int) -> torch.Tensor:
+def _rows(relative, lo: int, hi: int):
+    return None if relative is None else (relative[0][lo:hi], relative[1])
+
+
+def keep_unstructured(weight: torch.Tensor, norms32: torch.Tensor | None, k: int, relative=None) -> torch.Tensor:
     """Per-row keep-mask pruning ``k`` weights of each row."""
     rows, cols = weight.shape
     keep = torch.empty(rows, cols, dtype=torch.bool, device=weight.device)
     for lo, hi in _row_chunks(rows, cols * 3):
-        keep[lo:hi] = ~select_lowest(score_keys(weight[lo:hi], norms32), k)
+        keep[lo:hi] = ~select_lowest(score_keys(weight[lo:hi], norms32, _rows(relative, lo, hi)), k)
     return keep
 
 
-def keep_layer(weight: torch.Tensor, norms32: torch.Tensor | None, k: int) -> torch.Tensor:
+def keep_layer(weight: torch.Tensor, norms32: torch.Tensor | None, k: int, relative=None) -> torch.Tensor:
     """Per-layer keep-mask pruning the ``k`` lowest scores of the whole matrix."""
-    keys = score_keys(weight, norms32).reshape(-1)
+    keys = score_keys(weight, norms32, relative).reshape(-1)
     keep = torch.ones_like(keys, dtype=torch.bool)
     if k > 0:
         kth = keys.kthvalue(k).values
@@ -71,7 +96,7 @@ def keep_layer(weight: torch.Tensor, norms32: torch.Tensor | None, k: int) -> to
     return keep.reshape(weight.shape)
 
 
-def keep_nm(weight: torch.Tensor, norms32: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
+def keep_nm(weight: torch.Tensor, norms32: torch.Tensor | None, n: int, m: int, relative=None) -> torch.Tensor:
     """N:M keep-mask: the ``n`` largest composite keys of every group of ``m``.
 
     The composite ``key << 5 | (31 - j)`` (``j < m <= 32``, the column within the
@@ -83,7 +108,8 @@ def keep_nm(weight: torch.Tensor, norms32: torch.Tensor | None, n: int, m: int) 
     tiebreak = 31 - torch.arange(m, device=weight.device, dtype=torch.int64)
     keep = torch.empty(rows, cols, dtype=torch.bool, device=weight.device)
     for lo, hi in _row_chunks(rows, cols * 4):
-        keys = score_keys(weight[lo:hi], norms32).to(torch.int64).reshape(hi - lo, cols // m, m)
+        keys = score_keys(weight[lo:hi], norms32, _rows(relative, lo, hi)).to(torch.int64)
+        keys = keys.reshape(hi - lo, cols // m, m)
         composite = (keys << 5) | tiebreak
         nth_best = composite.topk(n, dim=-1).values[..., n - 1 :]
         keep[lo:hi] = (composite >= nth_best).reshape(hi - lo, cols)

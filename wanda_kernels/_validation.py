@@ -17,7 +17,8 @@ import torch
 
 PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 MAX_M = 32
-METRICS = ("wanda", "magnitude")
+METRICS = ("wanda", "magnitude", "ria")
+FUSED_24_METRICS = ("wanda", "magnitude")  # the metrics prune_compress_24 fuses
 BACKENDS = ("auto", "triton", "torch")
 SCOPES = ("row", "layer")
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -116,8 +117,8 @@ def check_score_inputs(weight: torch.Tensor, norms, metric: str) -> torch.Tensor
     """
     norms32 = None
     if norms is None:
-        if metric == "wanda":
-            raise ValueError("norms is None, but metric='wanda' needs ||X_j||_2 per input feature; "
+        if metric != "magnitude":
+            raise ValueError(f"norms is None, but metric={metric!r} needs ||X_j||_2 per input feature; "
                              "collect them with ActNormCollector or pass metric='magnitude'")
     else:
         if not isinstance(norms, torch.Tensor):
@@ -159,6 +160,17 @@ def check_bias(bias, out_features: int, x: torch.Tensor) -> None:
         raise ValueError(f"bias must be None or a tensor of shape ({out_features},); got {shape}")
     if bias.dtype != x.dtype:
         raise TypeError(f"bias is {bias.dtype} but x is {x.dtype}: the bias must have the input's dtype")
+
+
+def check_permutation(perm, n: int, name: str = "perm") -> torch.Tensor:
+    """``perm`` as int64: ValueError/TypeError unless it is a 1-D permutation of ``range(n)`` (one host read)."""
+    if not isinstance(perm, torch.Tensor) or perm.dtype not in (torch.int32, torch.int64) or perm.dim() != 1:
+        raise TypeError(f"{name} must be a 1-D int64 tensor (a permutation of the {n} inputs); got "
+                        f"{getattr(perm, 'dtype', type(perm).__name__)} {tuple(getattr(perm, 'shape', ()))}")
+    if perm.numel() != n or not torch.equal(perm.sort().values.cpu(), torch.arange(n)):
+        raise ValueError(f"{name} must be a permutation of range({n}) (every input once); got {perm.numel()} "
+                         "entries that are not")
+    return perm.to(torch.int64)
 
 
 def check_divisible(in_features: int, nm: tuple[int, int] | None, what: str = "weight") -> None:

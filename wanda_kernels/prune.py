@@ -25,7 +25,10 @@ from ._validation import (
 
 logger = logging.getLogger("wanda_kernels")
 
-__all__ = ["prune_", "prune_mask"]
+__all__ = ["prune_", "prune_mask", "RIA_POWER"]
+
+# RIA's exponent of the activation norm, ``||X_j||^a`` (Zhang et al., ICLR 2024: a = 0.5).
+RIA_POWER = 0.5
 
 
 @dataclass(frozen=True)
@@ -66,25 +69,30 @@ def apply_mask_(weight: torch.Tensor, norms32: torch.Tensor | None, spec: PruneS
     as ``(in_features,)`` fp32 contiguous on the weight's device (None with
     ``metric="magnitude"``). Returns the bool keep-mask ``(out, in)`` when ``want_mask``.
     """
-    if spec.metric == "magnitude":
-        norms32 = None  # the magnitude score ignores activations
     rows, cols = weight.shape
     nm = spec.nm
     chosen = _implementation(spec, cols, weight.device)
     with torch.no_grad():
+        relative = None
+        if spec.metric == "magnitude":
+            norms32 = None  # the magnitude score ignores activations
+        elif spec.metric == "ria":  # one extra pass: the row and column sums of |W|
+            relative = _torch_impl.relative_terms(weight)
+            norms32 = norms32 ** RIA_POWER
         if chosen == "triton":
             from .kernels.wanda_mask import launch_wanda_mask
 
             mask = torch.empty(rows, cols, dtype=torch.bool, device=weight.device) if want_mask else None
             k = num_pruned(cols, spec.sparsity) if nm is None else None
-            launch_wanda_mask(weight, norms32, k_prune=k, nm=nm, write_weight=write_weight, mask=mask)
+            launch_wanda_mask(weight, norms32, k_prune=k, nm=nm, write_weight=write_weight, mask=mask,
+                              relative=relative)
             return mask
         if nm is not None:
-            keep = _torch_impl.keep_nm(weight, norms32, *nm)
+            keep = _torch_impl.keep_nm(weight, norms32, *nm, relative=relative)
         elif spec.scope == "layer":
-            keep = _torch_impl.keep_layer(weight, norms32, num_pruned(weight.numel(), spec.sparsity))
+            keep = _torch_impl.keep_layer(weight, norms32, num_pruned(weight.numel(), spec.sparsity), relative)
         else:
-            keep = _torch_impl.keep_unstructured(weight, norms32, num_pruned(cols, spec.sparsity))
+            keep = _torch_impl.keep_unstructured(weight, norms32, num_pruned(cols, spec.sparsity), relative)
         if write_weight:
             weight.masked_fill_(~keep, 0)
         return keep if want_mask else None
@@ -155,7 +163,10 @@ def prune_(
         pattern: ``"unstructured"`` or ``"N:M"`` (``"2:4"``, ``"4:8"``, any
             ``1 <= N < M <= 32`` with ``in_features % M == 0``): keep the N highest
             scores of every M consecutive inputs of a row.
-        metric: ``"wanda"`` (``|W| * norms``) or ``"magnitude"`` (``|W|``).
+        metric: ``"wanda"`` (``|W| * norms``), ``"magnitude"`` (``|W|``) or ``"ria"``
+            (Relative Importance and Activations, Zhang et al. 2024:
+            ``(|W_ij| / sum_k |W_ik| + |W_ij| / sum_k |W_kj|) * norms_j ** 0.5``; the
+            row and column sums cost one extra read of W).
         backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"triton"``
             or ``"torch"``.
         return_mask: also return the keep-mask.

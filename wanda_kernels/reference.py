@@ -22,7 +22,9 @@ Semantics (Sun, Liu, Bair, Kolter, "A Simple and Effective Pruning Approach for
 Large Language Models"):
 
 * score ``S[i, j] = |W[i, j]| * ||X_j||_2`` computed in fp32 (``metric="wanda"``),
-  or ``S[i, j] = |W[i, j]|`` (``metric="magnitude"``).
+  or ``S[i, j] = |W[i, j]|`` (``metric="magnitude"``), or RIA's relative importance
+  ``(|W[i, j]| / sum_k |W[i, k]| + |W[i, j]| / sum_k |W[k, j]|) * ||X_j||_2 ** 0.5``
+  (``metric="ria"``, Zhang et al., "Plug-and-Play", ICLR 2024; here in fp64).
 * unstructured, per row: every output row prunes exactly ``num_pruned(in, s)``
   weights, those with the lowest scores. Ties are broken by column index: among
   equal scores the lower column is pruned first (the order a stable ascending sort
@@ -45,6 +47,7 @@ __all__ = [
     "num_pruned",
     "wanda_score",
     "magnitude_score",
+    "ria_score",
     "unstructured_mask",
     "nm_mask",
     "layer_mask",
@@ -82,6 +85,25 @@ def wanda_score(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
     """Magnitude score ``|W|`` in fp32, shape and device of ``weight``."""
     return weight.abs().float()
+
+
+def ria_score(weight: torch.Tensor, norms: torch.Tensor, power: float = 0.5) -> torch.Tensor:
+    """RIA score, written as its paper writes it, in fp64.
+
+    ``|W_ij| / sum_k |W_ik|`` (its share of row i) ``+ |W_ij| / sum_k |W_kj|`` (its share of
+    column j), times ``norms_j ** power``; a zero weight scores 0.
+
+    Args:
+        weight: ``(out_features, in_features)`` floating; norms: ``(in_features,)``.
+
+    Returns:
+        ``(out_features, in_features)`` fp64 on ``weight.device``.
+    """
+    a = weight.abs().double()
+    row = a.sum(dim=1, keepdim=True)
+    col = a.sum(dim=0, keepdim=True)
+    share = torch.where(a > 0, a / row + a / col, torch.zeros_like(a))
+    return share * norms.double()[None, :] ** power
 
 
 def unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -144,7 +166,12 @@ def keep_mask(
 
     ``pattern`` is ``"unstructured"`` or ``"N:M"``; with N:M, ``sparsity`` is ignored.
     """
-    score = magnitude_score(weight) if metric == "magnitude" else wanda_score(weight, norms)
+    if metric == "magnitude":
+        score = magnitude_score(weight)
+    elif metric == "ria":
+        score = ria_score(weight, norms)
+    else:
+        score = wanda_score(weight, norms)
     if pattern != "unstructured":
         n, m = (int(v) for v in pattern.split(":"))
         return nm_mask(score, n, m)

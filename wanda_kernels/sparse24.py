@@ -31,7 +31,7 @@ from ._layout24 import (
     stored_pair,
     unpack_codes,
 )
-from ._validation import BACKENDS, METRICS, check_choice, check_positive_int, check_score_inputs
+from ._validation import BACKENDS, FUSED_24_METRICS, check_choice, check_positive_int, check_score_inputs
 
 __all__ = [
     "compress_24",
@@ -217,7 +217,7 @@ def prune_compress_24(
         ``(values (M, K/2), meta)`` as :func:`compress_24`.
     """
     _check_24_weight(weight)
-    check_choice("metric", metric, METRICS)
+    check_choice("metric", metric, FUSED_24_METRICS)
     check_choice("meta_format", meta_format, META_FORMATS)
     check_choice("backend", backend, BACKENDS)
     norms32 = check_score_inputs(weight, norms, metric)

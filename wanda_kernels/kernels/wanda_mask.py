@@ -26,6 +26,8 @@ MAX_UNSTRUCTURED_COLS = 65536
 def wanda_mask_kernel(
     w_ptr,  # (rows, cols) fp16/bf16/fp32/fp64, pruned in place when WRITE_WEIGHT
     norms_ptr,  # (cols,) fp32, contiguous; unused unless USE_NORMS
+    row_inv_ptr,  # (rows,) fp32: RIA's 1 / sum_j |W[i, j]|; unused unless RELATIVE
+    col_inv_ptr,  # (cols,) fp32: RIA's 1 / sum_i |W[i, j]|; unused unless RELATIVE
     mask_ptr,  # (rows, cols) uint8 (a torch.bool viewed as bytes); unused unless WRITE_MASK
     n_cols,
     k_prune,  # weights to prune per row, 0 <= k_prune < n_cols
@@ -33,6 +35,7 @@ def wanda_mask_kernel(
     stride_wc,
     stride_mr,
     USE_NORMS: tl.constexpr,
+    RELATIVE: tl.constexpr,
     WRITE_WEIGHT: tl.constexpr,
     WRITE_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -44,6 +47,8 @@ def wanda_mask_kernel(
     w_offs = row * stride_wr + cols.to(tl.int64) * stride_wc
     w = tl.load(w_ptr + w_offs, mask=in_row, other=0.0)
     score = tl.abs(w.to(tl.float32))
+    if RELATIVE:  # the same products, in the same order, as _torch_impl.score_keys
+        score = score * (tl.load(row_inv_ptr + row) + tl.load(col_inv_ptr + cols, mask=in_row, other=0.0))
     if USE_NORMS:
         score = score * tl.load(norms_ptr + cols, mask=in_row, other=0.0)
     key = score.to(tl.int32, bitcast=True)
@@ -81,6 +86,8 @@ def wanda_mask_kernel(
 def wanda_nm_mask_kernel(
     w_ptr,  # (rows, cols) fp16/bf16/fp32/fp64, pruned in place when WRITE_WEIGHT
     norms_ptr,  # (cols,) fp32, contiguous; unused unless USE_NORMS
+    row_inv_ptr,  # (rows,) fp32; unused unless RELATIVE
+    col_inv_ptr,  # (cols,) fp32; unused unless RELATIVE
     mask_ptr,  # (rows, cols) uint8; unused unless WRITE_MASK
     n_cols,  # multiple of M
     stride_wr,
@@ -91,6 +98,7 @@ def wanda_nm_mask_kernel(
     M_PAD: tl.constexpr,  # next power of two >= M (Triton block dims are powers of two)
     BLOCK_G: tl.constexpr,  # groups per program
     USE_NORMS: tl.constexpr,
+    RELATIVE: tl.constexpr,
     WRITE_WEIGHT: tl.constexpr,
     WRITE_MASK: tl.constexpr,
 ):
@@ -103,6 +111,8 @@ def wanda_nm_mask_kernel(
     w_offs = row * stride_wr + cols.to(tl.int64) * stride_wc
     w = tl.load(w_ptr + w_offs, mask=valid, other=0.0)
     score = tl.abs(w.to(tl.float32))
+    if RELATIVE:
+        score = score * (tl.load(row_inv_ptr + row) + tl.load(col_inv_ptr + cols, mask=valid, other=0.0))
     if USE_NORMS:
         score = score * tl.load(norms_ptr + cols, mask=valid, other=0.0)
     # Padding gets key -1, below every real key, so it never outranks a real column.
@@ -141,6 +151,7 @@ def launch_wanda_mask(
     nm: tuple[int, int] | None = None,
     write_weight: bool,
     mask: torch.Tensor | None,
+    relative: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Launch the unstructured (``k_prune``) or N:M (``nm``) kernel. No validation here.
 
@@ -148,6 +159,8 @@ def launch_wanda_mask(
         weight: ``(rows, cols)`` floating, CUDA (or CPU under ``TRITON_INTERPRET=1``),
             any strides; pruned in place when ``write_weight``.
         norms32: ``(cols,)`` fp32 contiguous on ``weight.device``, or None (magnitude).
+        relative: RIA's ``(row_inv (rows,), col_inv (cols,))`` fp32 contiguous on
+            ``weight.device`` (:func:`wanda_kernels._torch_impl.relative_terms`), or None.
         mask: ``(rows, cols)`` contiguous bool to receive the keep-mask, or None.
     """
     rows, cols = weight.shape
@@ -155,15 +168,17 @@ def launch_wanda_mask(
         return
     use_norms = norms32 is not None
     norms_arg = norms32 if use_norms else weight  # never read when USE_NORMS is False
+    row_inv, col_inv = relative if relative is not None else (weight, weight)  # never read unless RELATIVE
     mask_arg = mask.view(torch.uint8) if mask is not None else weight
     stride_mr = mask.stride(0) if mask is not None else 0
     with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
         if nm is None:
             block_n = triton.next_power_of_2(cols)
             wanda_mask_kernel[(rows,)](
-                weight, norms_arg, mask_arg, cols, k_prune,
+                weight, norms_arg, row_inv, col_inv, mask_arg, cols, k_prune,
                 weight.stride(0), weight.stride(1), stride_mr,
-                USE_NORMS=use_norms, WRITE_WEIGHT=write_weight, WRITE_MASK=mask is not None,
+                USE_NORMS=use_norms, RELATIVE=relative is not None, WRITE_WEIGHT=write_weight,
+                WRITE_MASK=mask is not None,
                 BLOCK_N=block_n, num_warps=_num_warps(block_n),
             )
         else:
@@ -174,10 +189,11 @@ def launch_wanda_mask(
             block_g = min(max(1, 2048 // (m_pad * m_pad)), triton.next_power_of_2(cols // m))
             grid = (rows, triton.cdiv(cols // m, block_g))
             wanda_nm_mask_kernel[grid](
-                weight, norms_arg, mask_arg, cols,
+                weight, norms_arg, row_inv, col_inv, mask_arg, cols,
                 weight.stride(0), weight.stride(1), stride_mr,
                 N=n, M=m, M_PAD=m_pad, BLOCK_G=block_g,
-                USE_NORMS=use_norms, WRITE_WEIGHT=write_weight, WRITE_MASK=mask is not None,
+                USE_NORMS=use_norms, RELATIVE=relative is not None, WRITE_WEIGHT=write_weight,
+                WRITE_MASK=mask is not None,
                 num_warps=2 if m_pad <= 4 else 4,
             )
 
