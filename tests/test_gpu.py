@@ -14,13 +14,14 @@ LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 8192), (512, 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", LLAMA_SHAPES)
 @pytest.mark.parametrize("kw", [dict(sparsity=0.5), dict(pattern="2:4"), dict(pattern="4:8")])
-def test_triton_equals_torch_path_at_llama_shapes(shape, dtype, kw):
+@pytest.mark.parametrize("metric", ["wanda", "ria"])
+def test_triton_equals_torch_path_at_llama_shapes(shape, dtype, kw, metric):
     g = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(*shape, generator=g, device="cuda").to(dtype)
     norms = torch.rand(shape[1], generator=g, device="cuda")
-    keep_torch = wk.prune_mask(w, norms, backend="torch", **kw)
+    keep_torch = wk.prune_mask(w, norms, backend="torch", metric=metric, **kw)
     w_triton = w.clone()
-    keep = wk.prune_(w_triton, norms, return_mask=True, **kw)  # auto -> Triton on CUDA
+    keep = wk.prune_(w_triton, norms, return_mask=True, metric=metric, **kw)  # auto -> Triton on CUDA
     assert torch.equal(keep, keep_torch)
     assert torch.equal(w_triton, w.masked_fill(~keep_torch, 0))
     if "sparsity" in kw:
@@ -133,6 +134,20 @@ def test_sparse_linear_captures_and_replays_in_a_cuda_graph():
     sl = wk.SparseLinear.from_linear(lin)
     for tokens in (1, 16, 300):
         _assert_graph_replay_reads_new_input(sl, torch.randn(tokens, 4096, device="cuda", dtype=torch.float16))
+
+
+def test_permuted_sparse_linear_equals_the_dense_layer_and_replays_in_a_cuda_graph():
+    _cutlass_ready()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4096, 4096, device="cuda", dtype=torch.float16)
+    perm = torch.randperm(4096, device="cuda")
+    w = lin.weight.data[:, perm]
+    wk.prune_(w, torch.rand(4096, device="cuda") + 0.1, pattern="2:4")
+    lin.weight.data[:, perm] = w  # 2:4 only in the permuted input order
+    sl = wk.SparseLinear.from_linear(lin, perm=perm)
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.float16)
+    torch.testing.assert_close(sl(x).float(), lin(x).float(), rtol=2e-2, atol=2e-2)
+    _assert_graph_replay_reads_new_input(sl, x)
 
 
 def _assert_graph_replay_reads_new_input(module, x):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ._layout24 import DTYPES_24, META_FORMATS, filled_meta
-from ._validation import check_choice
+from ._validation import check_choice, check_permutation
 from .gemm24 import policy
 from .gemm24.op import (
     kernel_linear,
@@ -39,19 +39,21 @@ _KERNEL_NAMES = {"sm90": "cutlass-sm90a (wgmma.sp)", "sm80": "cutlass-sm80 (mma.
 class SparseLinear(nn.Module):
     """``y = x W^T + b`` with W stored 2:4-compressed (CUTLASS format).
 
-    Buffers: ``values`` ``(M, K/2)``, ``meta`` int16 and ``bias`` ``(out_features,)`` or
-    None, where ``M`` and ``K`` are ``out_features`` and ``in_features`` rounded up to
-    multiples of 32 and 64 (the kernels' granularity; the padding is zeros and invisible
-    from outside). ``meta`` is in the layout ``meta_format`` names: ``"sm80"``,
-    ``(M, K/16)``, or on a compute capability 9.0 GPU with the sm90a kernels built,
-    ``"sm90"``, ``meta_shape(M, K, "sm90")``. ``state_dict`` always stores ``"sm80"``.
+    Buffers: ``values`` ``(M, K/2)``, ``meta`` int16, ``bias`` ``(out_features,)`` or
+    None, and ``perm`` ``(in_features,)`` int64 or None (an N:M channel permutation: the
+    stored weight's input order, gathered from ``x`` in ``forward``), where ``M`` and ``K``
+    are ``out_features`` and ``in_features`` rounded up to multiples of 32 and 64 (the
+    kernels' granularity; the padding is zeros and invisible from outside). ``meta`` is in
+    the layout ``meta_format`` names: ``"sm80"``, ``(M, K/16)``, or on a compute
+    capability 9.0 GPU with the sm90a kernels built, ``"sm90"``, ``meta_shape(M, K, "sm90")``.
+    ``state_dict`` always stores ``"sm80"``.
 
     Build one with :meth:`from_linear` or :meth:`from_dense`. ``forward`` takes
     ``x (..., in_features)`` of the weight's dtype and returns ``(..., out_features)``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 dtype: torch.dtype = torch.float16, device=None):
+                 dtype: torch.dtype = torch.float16, device=None, permuted: bool = False):
         super().__init__()
         m, k = padded_shape(out_features, in_features)
         if dtype not in DTYPES_24:
@@ -63,6 +65,9 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", torch.zeros(m, k // 2, dtype=dtype, device=device))
         self.register_buffer("meta", filled_meta(m, k, self.meta_format, device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        # permuted: the weight's N:M groups hold with the inputs in this order (an N:M
+        # channel permutation, wanda_kernels.llm.permute); forward gathers x once.
+        self.register_buffer("perm", torch.arange(in_features, device=device) if permuted else None)
         self._sync_meta_format()  # the layout is already right: this picks the kernel
 
     # -- metadata layout follows the device ---------------------------------------------
@@ -107,6 +112,9 @@ class SparseLinear(nn.Module):
             destination[prefix + "meta"] = self.meta_as("sm80").detach()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        perm = state_dict.get(prefix + "perm")
+        if perm is not None and self.perm is not None:  # refused before anything is loaded
+            check_permutation(perm, self.in_features, name=f"{prefix}perm")
         # The incoming meta is sm80: load into an sm80 buffer, then convert for the device.
         if self.meta_format != "sm80":
             self.meta = self.meta_as("sm80")
@@ -117,10 +125,16 @@ class SparseLinear(nn.Module):
             self._sync_meta_format()
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> SparseLinear:
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   perm: torch.Tensor | None = None) -> SparseLinear:
         """From a 2:4 sparse weight ``(out, in)`` float16/bfloat16 and an optional bias ``(out,)``.
 
-        Raises ValueError naming the first row and group that is not 2:4.
+        ``perm``: an ``(in,)`` integer permutation of the inputs (on any device) under which
+        the weight is 2:4 (``weight[:, perm]`` is); the module then stores that and
+        gathers ``x[..., perm]`` in ``forward``, so its outputs equal ``x @ weight.T``.
+
+        Raises ValueError naming the first row and group that is not 2:4, or a ``perm``
+        that is not a permutation of ``range(in_features)``.
         """
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"weight must be a 2-D tensor (out_features, in_features); got "
@@ -135,7 +149,13 @@ class SparseLinear(nn.Module):
         weight = weight.detach()
         if in_features % 4:  # the padding would complete the last group: refuse here
             raise ValueError(f"weight has in_features={in_features}, not a multiple of 4: it cannot be 2:4 sparse")
-        module = cls(in_features, out_features, bias is not None, dtype=weight.dtype, device=weight.device)
+        if perm is not None:
+            perm = check_permutation(perm, in_features).to(weight.device)
+            weight = weight[:, perm]
+        module = cls(in_features, out_features, bias is not None, dtype=weight.dtype, device=weight.device,
+                     permuted=perm is not None)
+        if perm is not None:
+            module.perm = perm.clone()  # its own storage: checkpoints de-duplicate shared tensors
         m, k = module.values.shape[0], 2 * module.values.shape[1]
         padded = weight.new_zeros(m, k)
         padded[:out_features, :in_features] = weight
@@ -147,16 +167,24 @@ class SparseLinear(nn.Module):
         return module
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> SparseLinear:
-        """From an ``nn.Linear`` whose weight is already 2:4 sparse (see ``prune_(..., pattern="2:4")``)."""
+    def from_linear(cls, linear: nn.Linear, *, perm: torch.Tensor | None = None) -> SparseLinear:
+        """From an ``nn.Linear`` whose weight is already 2:4 sparse (see ``prune_(..., pattern="2:4")``).
+
+        ``perm``: as :meth:`from_dense` (the order ``prune_model(..., permute=True)`` reports).
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear; got {type(linear).__name__}")
-        return cls.from_dense(linear.weight, linear.bias)
+        return cls.from_dense(linear.weight, linear.bias, perm=perm)
 
     def to_dense(self) -> torch.Tensor:
-        """The dense ``(out_features, in_features)`` weight."""
-        return decompress_24(self.values, self.meta, meta_format=self.meta_format)[
+        """The dense ``(out_features, in_features)`` weight, in the inputs' own order."""
+        stored = decompress_24(self.values, self.meta, meta_format=self.meta_format)[
             : self.out_features, : self.in_features]
+        if self.perm is None:
+            return stored
+        dense = torch.empty_like(stored)
+        dense[:, self.perm] = stored
+        return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., in_features)`` of the weight's dtype, on its device -> ``(..., out_features)``.
@@ -175,6 +203,8 @@ class SparseLinear(nn.Module):
             raise TypeError(f"SparseLinear holds {values.dtype} weights; got input of {x.dtype}")
         if x.device != values.device:
             raise ValueError(f"input is on {x.device} but SparseLinear is on {values.device}")
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)  # the weight's input order
         fn = self._kernel_fn
         if (fn is not None and type(x) is torch.Tensor and not (x.requires_grad and torch.is_grad_enabled())
                 and not torch.compiler.is_compiling()):
@@ -194,5 +224,5 @@ class SparseLinear(nn.Module):
         pad = "" if padded == (self.out_features, self.in_features) else f", padded={padded}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"dtype={self.values.dtype}{pad}, values={tuple(self.values.shape)}, meta={tuple(self.meta.shape)} "
-                f"{self.meta_format}, "
+                f"{self.meta_format}, {'permuted inputs, ' if self.perm is not None else ''}"
                 f"kernel={self.kernel()}")

@@ -12,7 +12,7 @@ from torch import nn
 
 from ._layout24 import DTYPES_24
 from ._progress import progress_bar
-from ._validation import check_choice
+from ._validation import check_choice, check_permutation
 from .bitmap import DTYPES_BITMAP
 from .bitmap_linear import BitmapLinear
 from .bitmap_op import fallback_reason
@@ -34,7 +34,7 @@ def _zero_fraction(linear: nn.Linear) -> float:
 
 
 def sparsify_(model: nn.Module, filter_fn=None, *, format: str = "2:4", min_sparsity: float = DEFAULT_MIN_SPARSITY,
-              progress: bool = False) -> list[str]:
+              progress: bool = False, permutations: dict | None = None) -> list[str]:
     """Replace, in place, the pruned ``nn.Linear`` layers of ``model`` by sparse modules.
 
     Args:
@@ -49,6 +49,10 @@ def sparsify_(model: nn.Module, filter_fn=None, *, format: str = "2:4", min_spar
             measured break-even: below it the format saves less than 19% of the bytes,
             and dense layers (a few exact zeros at most) are never caught.
         progress: a tqdm bar over the layers being compressed (when tqdm is installed).
+        permutations: ``{name: (in,) int64}`` for ``"2:4"``: layers whose weight is 2:4 with
+            its inputs in that order (``PruneReport.permutations`` of
+            ``prune_model(..., permute=True)``); they become ``SparseLinear`` with that
+            ``perm``. The bitmap format stores any mask and ignores them.
 
     Returns:
         The names (as in ``model.named_modules()``) of the replaced layers.
@@ -67,15 +71,29 @@ def sparsify_(model: nn.Module, filter_fn=None, *, format: str = "2:4", min_spar
     if isinstance(model, nn.Linear):
         raise ValueError("sparsify_ replaces submodules; for a single layer use SparseLinear.from_linear(linear) "
                          "or BitmapLinear.from_linear(linear)")
+    if permutations is not None and not isinstance(permutations, dict):
+        raise TypeError(f"permutations must be a dict of layer name -> permutation; got {type(permutations).__name__}")
+    perms = dict(permutations or {}) if format == "2:4" else {}
     if format == "2:4":
-        chosen, module_cls, dtypes = (lambda m: is_24_sparse(m.weight.detach())), SparseLinear, DTYPES_24
-        what = "2:4 sparse"
+        def chosen(m, name):
+            weight = m.weight.detach()
+            return is_24_sparse(weight if name not in perms else weight[:, perms[name].to(weight.device)])
+
+        module_cls, dtypes, what = SparseLinear, DTYPES_24, "2:4 sparse"
     else:
-        chosen, module_cls, dtypes = (lambda m: _zero_fraction(m) >= min_sparsity), BitmapLinear, DTYPES_BITMAP
-        what = f"at least {min_sparsity:g} sparse"
+        def chosen(m, name):
+            return _zero_fraction(m) >= min_sparsity
+
+        module_cls, dtypes, what = BitmapLinear, DTYPES_BITMAP, f"at least {min_sparsity:g} sparse"
+    modules = dict(model.named_modules())
+    unknown = sorted(set(perms) - set(modules))
+    if unknown:
+        raise ValueError(f"permutations name layers that are not in the model: {', '.join(unknown[:3])}")
+    for name, perm in perms.items():
+        check_permutation(perm, getattr(modules[name], "in_features", -1), name=f"permutations[{name!r}]")
     targets = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear or not chosen(module):
+        if type(module) is not nn.Linear or not chosen(module, name):
             continue
         if filter_fn is not None and not filter_fn(module, name):
             continue
@@ -84,7 +102,8 @@ def sparsify_(model: nn.Module, filter_fn=None, *, format: str = "2:4", min_spar
                             "bfloat16: convert the model first (model.half() or model.to(torch.bfloat16))")
         targets.append(name)
     # Convert all first, then swap: a failure leaves the model unchanged.
-    replacements = {name: module_cls.from_linear(model.get_submodule(name))
+    replacements = {name: module_cls.from_linear(model.get_submodule(name), **({"perm": perms[name]} if name in perms
+                                                                               else {}))
                     for name in progress_bar(targets, progress, f"compressing {format} layers")}
     for name, new in replacements.items():
         parent_name, _, child = name.rpartition(".")

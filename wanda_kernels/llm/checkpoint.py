@@ -2,10 +2,12 @@
 
 * ``save_pruned(model, tokenizer, out)``: ``save_pretrained`` output that transformers
   reloads as it is (the zeros are in the weights), plus ``wanda_kernels.json`` with the
-  pruning report.
+  pruning report (and ``permutations.safetensors`` after ``permute=True``: the input order
+  in which each unfolded layer is N:M, for ``sparsify_(..., permutations=load_permutations(out))``).
 * ``save_compressed(model, tokenizer, out, format=...)``: the compressed form, in
   fp16/bf16. ``format="2:4"``: every 2:4 linear layer is stored as a ``SparseLinear``
-  (``values`` + ``meta`` from ``compress_24``, and ``bias``); ``format="bitmap"``: every
+  (``values`` + ``meta`` from ``compress_24``, ``bias``, and ``perm`` for the layers
+  that ``report.permutations`` names: ``prune_model(..., permute=True)``); ``format="bitmap"``: every
   pruned linear layer (unstructured or N:M) as a ``BitmapLinear`` (``values``,
   ``bitmap``, ``row_offsets`` for unequal rows, ``bias``); the rest dense.
   ``wanda_kernels.json`` names the format and lists the sparse layers.
@@ -33,10 +35,11 @@ from ..sparse_linear import SparseLinear
 from ..sparsify import announce_fallback, sparsify_
 from .safe_io import sha256_files, staged_dir, verify_files
 
-__all__ = ["save_pruned", "save_compressed", "load_compressed", "is_compressed_checkpoint", "compressed_format",
-           "has_manifest", "verify_checkpoint", "stored_dtype"]
+__all__ = ["save_pruned", "load_permutations", "save_compressed", "load_compressed", "is_compressed_checkpoint",
+           "compressed_format", "has_manifest", "verify_checkpoint", "stored_dtype"]
 
 MANIFEST = "wanda_kernels.json"
+PERMUTATIONS = "permutations.safetensors"  # save_pruned: prune_model(..., permute=True)'s unfolded permutations
 FORMAT_DENSE = "wanda-kernels-pruned"
 FORMAT_24 = "wanda-kernels-2:4-compressed"
 FORMAT_BITMAP = "wanda-kernels-bitmap-compressed"
@@ -69,9 +72,25 @@ def save_pruned(model, tokenizer, out_dir, *, report=None, overwrite: bool = Fal
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        perms = getattr(report, "permutations", None) or {}
+        if perms:
+            from safetensors.torch import save_file
+
+            # one copy each: layers that read the same input share one permutation tensor
+            save_file({name: p.detach().cpu().clone() for name, p in perms.items()}, str(tmp / PERMUTATIONS))
         _write_manifest(tmp, {"format": FORMAT_DENSE, "version": VERSION,
                               "report": report.to_dict() if report else None})
     return Path(out_dir)
+
+
+def load_permutations(path) -> dict[str, torch.Tensor]:
+    """The N:M input permutations a :func:`save_pruned` checkpoint holds (``{}`` if none), for ``sparsify_``."""
+    file = Path(path) / PERMUTATIONS
+    if not file.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    return load_file(str(file))
 
 
 def save_compressed(model, tokenizer, out_dir, *, format: str = "2:4", dtype: torch.dtype = torch.float16,
@@ -96,7 +115,8 @@ def save_compressed(model, tokenizer, out_dir, *, format: str = "2:4", dtype: to
     manifest_format, module_cls = COMPRESSED[format]
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
         packed = copy.deepcopy(model).to(device="cpu", dtype=dtype)
-        names = sparsify_(packed, format=format, progress=progress)
+        perms = getattr(report, "permutations", None) or {}
+        names = sparsify_(packed, format=format, progress=progress, permutations=perms)
         if not names:
             hint = "pattern='2:4'" if format == "2:4" else "any pattern (at least 25% of a layer's weights zero)"
             raise ValueError(f"the model has no pruned linear layer to store in the {format} format; prune it with "
@@ -105,7 +125,8 @@ def save_compressed(model, tokenizer, out_dir, *, format: str = "2:4", dtype: to
         packed.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        layers = {n: [m.in_features, m.out_features, m.bias is not None]
+        # [in, out, bias, permuted inputs (SparseLinear.perm)]
+        layers = {n: [m.in_features, m.out_features, m.bias is not None, getattr(m, "perm", None) is not None]
                   for n, m in packed.named_modules() if isinstance(m, module_cls)}
         _write_manifest(tmp, {"format": manifest_format, "version": VERSION, "dtype": str(dtype).replace("torch.", ""),
                               "sparse_layers": layers, "report": report.to_dict() if report else None})
@@ -222,7 +243,7 @@ def load_compressed(path, *, device="cpu", verify: bool = True):
     module_cls = _module_for(manifest)
     config = transformers.AutoConfig.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, (in_f, out_f, bias) in manifest["sparse_layers"].items():
+    for name, (in_f, out_f, bias, *permuted) in manifest["sparse_layers"].items():
         try:
             old = model.get_submodule(name)
         except AttributeError as exc:
@@ -232,7 +253,8 @@ def load_compressed(path, *, device="cpu", verify: bool = True):
                              f"{getattr(old, 'in_features', '?')}->{getattr(old, 'out_features', '?')} in the config")
         parent, _, child = name.rpartition(".")
         # BitmapLinear takes the sizes of its values from the file (they depend on the weight).
-        setattr(model.get_submodule(parent), child, module_cls(in_f, out_f, bias, dtype=dtype))
+        extra = {"permuted": True} if permuted and permuted[0] else {}  # a SparseLinear with an input permutation
+        setattr(model.get_submodule(parent), child, module_cls(in_f, out_f, bias, dtype=dtype, **extra))
     try:
         load_model(model, str(path / "model.safetensors"), strict=True)
     except (SafetensorError, OSError) as exc:

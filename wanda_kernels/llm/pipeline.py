@@ -27,11 +27,12 @@ its own and broadcasts them (:mod:`.distributed`).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -40,12 +41,15 @@ from .._progress import progress_bar
 from .._validation import check_choice, check_positive_int
 from ..norms import ActNormCollector
 from ..prune import PruneSpec, apply_mask_, check_prunable, prune_spec
+from . import owl as owl_alloc
 from .distributed import Shard, current_shard
+from .dsnot import dsnot_refine
+from .permute import FOLDS, fold_, head_permutation, nm_permutation, score_matrix
 from .sparsegpt import collect_hessians, sparsegpt_prune_
 
 logger = logging.getLogger("wanda_kernels")
 
-__all__ = ["prune_model", "PruneReport", "find_decoder_layers", "capture_layer_inputs", "METHODS"]
+__all__ = ["prune_model", "check_options", "PruneReport", "find_decoder_layers", "capture_layer_inputs", "METHODS"]
 
 
 @dataclass
@@ -69,13 +73,23 @@ class PruneReport:
     world_size: int = 1  # processes that shared the calibration (torch.distributed ranks)
     calib_tokens_per_rank: list[int] = field(default_factory=list)  # calibration tokens each rank ran
     comm_seconds: float = 0.0  # combining statistics and broadcasting weights, incl. waits for other ranks
+    options: dict = field(default_factory=dict)  # metric, owl (lambda, m), permute, dsnot as used
+    layer_targets: list[float] = field(default_factory=list)  # OWL: each decoder layer's sparsity
+    owl_seconds: float = 0.0  # OWL's calibration pass over the dense layers
+    # permute=True: {linear's name in the model: (in,) int64}, the input order in which its
+    # N:M groups hold, for the layers whose permutation could not be folded into the model
+    # (SparseLinear gathers its input in that order). Not in to_dict: a checkpoint stores them.
+    permutations: dict[str, torch.Tensor] = field(default_factory=dict)
+    folded: list[str] = field(default_factory=list)  # linears whose input permutation was folded into producers
 
     def overall_sparsity(self) -> float:
         values = [v for layer in self.layers for v in layer.sparsity.values()]
         return sum(values) / max(1, len(values))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["permutations"] = sorted(self.permutations)
+        return out
 
 
 class _StopForward(Exception):
@@ -226,6 +240,69 @@ METHODS: dict[str, Method] = {
 }
 
 
+def _prune_dsnot(weight: torch.Tensor, gram: torch.Tensor, spec: PruneSpec) -> None:
+    """Wanda's (or RIA's) mask, with ``||X_j|| = sqrt((X^T X)_jj)``, refined by DSnoT swaps (:mod:`.dsnot`)."""
+    keep = apply_mask_(weight, _input_norms(gram), spec, write_weight=False, want_mask=True)
+    keep = dsnot_refine(weight, keep, gram, nm=spec.nm)
+    weight.mul_(keep).add_(0.0)  # pruned: +0.0 (x * False is -0.0 for x < 0; -0.0 + 0.0 is +0.0)
+
+
+# DSnoT needs X^T X, whose diagonal holds Wanda's squared norms: one collection serves both.
+DSNOT = Method(collect=_collect_hessians, combine=_combine_hessians, prune=_prune_dsnot)
+
+
+def _input_norms(stats: torch.Tensor) -> torch.Tensor:
+    """``||X_j||`` ``(in,)`` fp32 from a method's statistics: the norms, or the square root of diag(X^T X)."""
+    return stats if stats.dim() == 1 else torch.diagonal(stats).float().clamp_min(0).sqrt().contiguous()
+
+
+def _permute_stats(stats: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """The statistics of the layer with its inputs in ``perm``'s order (norms ``[perm]``, X^T X both ways)."""
+    return stats[perm] if stats.dim() == 1 else stats[perm][:, perm].contiguous()
+
+
+def check_options(method: str, sparsity, pattern: str, *, scope: str | None = None, backend: str = "auto",
+                  metric: str | None = None, owl: bool = False, owl_lambda: float = owl_alloc.DEFAULT_LAMBDA,
+                  owl_m: float = owl_alloc.DEFAULT_M, permute: bool = False,
+                  dsnot: bool = False) -> tuple[PruneSpec, Method]:
+    """Check :func:`prune_model`'s options (no model needed); return the spec and the :class:`Method` that runs.
+
+    Raises ValueError/TypeError naming the option (the CLI calls it before loading anything).
+    """
+    check_choice("method", method, tuple(METHODS))
+    if method != "magnitude" and scope not in (None, "row"):
+        raise ValueError(f"scope={scope!r} applies to method='magnitude' only")
+    if method == "magnitude" and scope is None:
+        scope = "layer" if pattern == "unstructured" else "row"
+    chosen = METHODS[method]
+    if metric is not None and metric != chosen.metric and (method != "wanda" or metric not in ("wanda", "ria")):
+        raise ValueError(f"metric={metric!r} does not apply to method={method!r}: method='wanda' takes metric="
+                         "'wanda' or 'ria'; 'magnitude' and 'sparsegpt' rank by their own scores")
+    for name, value in (("owl", owl), ("permute", permute), ("dsnot", dsnot)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False; got {value!r}")
+    spec = prune_spec(sparsity, pattern, metric or chosen.metric, scope or "row", backend)
+    if owl:
+        if spec.nm is not None:
+            raise ValueError(f"owl=True gives each decoder layer its own sparsity, but pattern={pattern!r} fixes "
+                             "every layer's at 1 - N/M; use pattern='unstructured'")
+        owl_alloc.check_owl(spec.sparsity, owl_lambda, owl_m)
+    if permute and spec.nm is None:
+        raise ValueError("permute=True reorders input channels so that N:M groups keep more; it does nothing for "
+                         f"pattern={pattern!r}: use an N:M pattern such as '2:4'")
+    if permute and method == "magnitude":
+        raise ValueError("permute=True needs calibration statistics: use method='wanda' or 'sparsegpt'")
+    if permute and importlib.util.find_spec("scipy") is None:
+        raise ImportError("permute=True needs scipy (its linear sum assignment): pip install scipy, or "
+                          "pip install 'wanda-kernels[llm]'")
+    if dsnot:
+        if method != "wanda":
+            raise ValueError(f"dsnot=True refines a Wanda (or RIA) mask without a weight update; got method="
+                             f"{method!r}")
+        chosen = DSNOT
+    return spec, chosen
+
+
 def prune_model(
     model: nn.Module,
     calib: torch.Tensor,
@@ -239,6 +316,12 @@ def prune_model(
     device: str | torch.device | None = None,
     progress: bool = True,
     backend: str = "auto",
+    metric: str | None = None,
+    owl: bool = False,
+    owl_lambda: float = owl_alloc.DEFAULT_LAMBDA,
+    owl_m: float = owl_alloc.DEFAULT_M,
+    permute: bool = False,
+    dsnot: bool = False,
 ) -> PruneReport:
     """Prune every linear layer inside the decoder layers of ``model``, in place.
 
@@ -258,6 +341,22 @@ def prune_model(
             activations, so models larger than the GPU can be pruned. Default: each layer's
             own device (also for models spread by accelerate's ``device_map``).
         progress: show a tqdm bar over the layers (on rank 0 only when distributed).
+        metric: method ``"wanda"`` only: ``"wanda"`` (default) or ``"ria"`` (RIA's relative
+            importance, see :func:`wanda_kernels.prune_`).
+        owl: unstructured only: a sparsity per decoder layer from its share of outlier
+            scores (OWL, :mod:`.owl`), the model's mean exactly ``sparsity``; costs one
+            calibration pass over the dense layers. ``owl_lambda`` (the spread: layers
+            span ``sparsity +- 2 owl_lambda`` at most) and ``owl_m`` (outliers: scores
+            above ``owl_m`` x the layer's mean) as in the paper.
+        permute: N:M only, methods ``"wanda"`` and ``"sparsegpt"``: permute each layer's
+            input channels so that the N:M groups keep more of the scores
+            (:mod:`.permute`). Folded into the producing layers where that is exact
+            (``down_proj``, ``o_proj``); for the others the report's ``permutations``
+            hold the order, which ``sparsify_``/``save_compressed`` give ``SparseLinear``
+            (the dense model's outputs need nothing: its zeros are in place).
+        dsnot: method ``"wanda"`` only: refine each mask by DSnoT prune-and-grow swaps that
+            lower the layer's reconstruction error on the calibration tokens
+            (:mod:`.dsnot`); counts per row (per group) unchanged.
 
     Distributed: with an initialised ``torch.distributed`` group of two or more ranks
     (``torchrun``), call it on every rank with the same model and ``calib``: each rank runs
@@ -275,7 +374,6 @@ def prune_model(
             ranks were given different ``calib``, or fewer samples than ranks.
         RankFailed: distributed, another rank raised (its rank and message are named).
     """
-    check_choice("method", method, tuple(METHODS))
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
         raise ValueError(f"calib must be an int64 tensor (nsamples, seqlen); got "
                          f"{getattr(calib, 'dtype', type(calib).__name__)} {tuple(getattr(calib, 'shape', ()))}")
@@ -283,12 +381,8 @@ def prune_model(
         if value is not None:
             check_positive_int(name, value)
     calib = calib[: nsamples or calib.shape[0], : seqlen or calib.shape[1]]
-    if method != "magnitude" and scope not in (None, "row"):
-        raise ValueError(f"scope={scope!r} applies to method='magnitude' only")
-    if method == "magnitude" and scope is None:
-        scope = "layer" if pattern == "unstructured" else "row"
-    chosen = METHODS[method]
-    spec = prune_spec(sparsity, pattern, chosen.metric, scope or "row", backend)
+    spec, chosen = check_options(method, sparsity, pattern, scope=scope, backend=backend, metric=metric, owl=owl,
+                                 owl_lambda=owl_lambda, owl_m=owl_m, permute=permute, dsnot=dsnot)
     device = torch.device(device) if device is not None else None
     layers_name, layers = find_decoder_layers(model)
     shard = current_shard(calib.shape[0], device)
@@ -300,13 +394,23 @@ def prune_model(
     t_start = time.perf_counter()
     report = PruneReport(method=method, pattern=pattern, sparsity=spec.sparsity, nsamples=calib.shape[0],
                          seqlen=calib.shape[1], world_size=shard.world_size,
-                         calib_tokens_per_rank=[n * calib.shape[1] for n in shard.samples_per_rank()])
+                         calib_tokens_per_rank=[n * calib.shape[1] for n in shard.samples_per_rank()],
+                         options=dict(metric=spec.metric, owl=owl, permute=permute, dsnot=dsnot,
+                                      **(dict(owl_lambda=owl_lambda, owl_m=owl_m) if owl else {})))
     inps = kwargs = None
-    if chosen.collect is not None:
+    if chosen.collect is not None or owl:
         t0 = time.perf_counter()
         with shard.step("capturing the first decoder layer's inputs"):
             inps, kwargs = capture_layer_inputs(model, layers[0], calib[shard.start : shard.stop], device)
         report.forward_seconds += time.perf_counter() - t0
+    targets = [spec.sparsity] * len(layers)
+    if owl:
+        t0 = time.perf_counter()
+        ratios = _outlier_ratios(layers, inps, kwargs, device, backend, shard, owl_m, progress and shard.is_main)
+        sizes = [sum(_linear_weight(m).numel() for m in linear_layers(layer).values()) for layer in layers]
+        targets = owl_alloc.layer_sparsities(ratios, spec.sparsity, owl_lambda, sizes)
+        report.layer_targets = targets
+        report.owl_seconds = time.perf_counter() - t0
 
     # Read back once, after the last layer: zeros per linear, and whether any collected
     # statistic (Wanda's norms, SparseGPT's Hessians) was not finite. Nothing on the
@@ -335,11 +439,18 @@ def prune_model(
             report.comm_seconds += time.perf_counter() - t0
             nonfinite.append((index, torch.stack([~torch.isfinite(v).all() for v in stats.values()]).any()))
         t0 = time.perf_counter()
+        layer_spec = replace(spec, sparsity=targets[index])
+        perms: dict[str, torch.Tensor] = {}
+        if permute:
+            with shard.step(f"permuting the inputs of decoder layer {index}"):
+                perms, stats, folded = _permute_layer(layer, linears, stats, spec, shard)
+            report.folded += [f"{layers_name}.{index}.{name}" for name in folded]
+            report.permutations.update({f"{layers_name}.{index}.{name}": p.cpu() for name, p in perms.items()})
         owners = shard.owners([mod.weight.numel() for mod in linears.values()])
         with shard.step(f"pruning decoder layer {index}"):
             for (name, mod), owner in zip(linears.items(), owners):
                 if owner == shard.rank:  # each linear is pruned by one rank, then broadcast
-                    chosen.prune(_linear_weight(mod), stats.get(name), spec)
+                    _prune_linear(chosen, _linear_weight(mod), stats.get(name), layer_spec, perms.get(name))
             _synchronize(work)
         report.prune_seconds += time.perf_counter() - t0
         if shard.distributed:
@@ -374,6 +485,98 @@ def prune_model(
                     method, pattern, report.total_seconds, shard.world_size, "es" if shard.world_size > 1 else "",
                     report.overall_sparsity())
     return report
+
+
+def _prune_linear(chosen: Method, weight: torch.Tensor, stats, spec: PruneSpec, perm: torch.Tensor | None) -> None:
+    """``chosen.prune`` on ``weight`` (with ``perm``: on its columns in that order, written back in place)."""
+    if perm is None:
+        chosen.prune(weight, stats, spec)
+        return
+    permuted = weight[:, perm]  # a copy; stats already in perm's order
+    chosen.prune(permuted, stats, spec)
+    weight[:, perm] = permuted
+
+
+def _permute_layer(layer: nn.Module, linears: dict[str, nn.Module], stats: dict, spec: PruneSpec, shard: Shard):
+    """Choose the N:M input permutations of one decoder layer; fold those that can be folded.
+
+    Returns ``(perms, stats, folded)``: the runtime permutations by linear name, the
+    statistics in the permuted input order, and the names whose permutation went into
+    the weights (:data:`~.permute.FOLDS`). Linears that read the same input (equal norms,
+    bit for bit) share one permutation. Distributed, every rank applies rank 0's choice
+    (a search on other hardware could round its sums differently).
+    """
+    n, m = spec.nm
+    norms = {name: _input_norms(stats[name]) for name in linears}
+
+    def scores(names):
+        return torch.cat([score_matrix(_linear_weight(linears[k]), norms[k], spec.metric) for k in names])
+
+    folds = []  # (consumer name, producers, head_dim or None, perm)
+    for rule in FOLDS:
+        consumer = linears.get(rule.consumer)
+        producers = [linears.get(k) for k in rule.producers]
+        if not isinstance(consumer, nn.Linear) or not all(isinstance(p, nn.Linear) for p in producers):
+            continue
+        if not rule.per_head:
+            folds.append((rule.consumer, producers, None, nm_permutation(scores([rule.consumer]), n, m)))
+            continue
+        head_dim = getattr(layer.get_submodule(rule.consumer.rpartition(".")[0]), "head_dim", None)
+        if not isinstance(head_dim, int) or head_dim % m or consumer.in_features % head_dim \
+                or any(p.out_features % head_dim for p in producers):
+            continue
+        s = scores([rule.consumer])
+        s = s.reshape(s.shape[0], -1, head_dim).transpose(0, 1).reshape(-1, head_dim)  # heads as extra rows
+        folds.append((rule.consumer, producers, head_dim, nm_permutation(s, n, m)))
+    shard.broadcast_([f[-1] for f in folds], [0] * len(folds))
+    stats = dict(stats)
+    for name, producers, head_dim, perm in folds:
+        fold_(linears[name], producers, perm, head_dim)
+        full = perm if head_dim is None else head_permutation(perm, linears[name].in_features)
+        stats[name] = _permute_stats(stats[name], full)
+    # The rest, on the weights as folded (v_proj's rows, gate/up's rows are permuted now).
+    groups: list[list[str]] = []
+    for name in linears:
+        if any(name == f[0] for f in folds):
+            continue
+        group = next((g for g in groups if torch.equal(norms[g[0]], norms[name])), None)
+        if group is None:
+            groups.append([name])
+        else:
+            group.append(name)
+    runtime = [(group, nm_permutation(scores(group), n, m)) for group in groups]
+    shard.broadcast_([perm for _, perm in runtime], [0] * len(runtime))
+    perms = {}
+    for group, perm in runtime:
+        if torch.equal(perm, torch.arange(perm.numel(), device=perm.device)):
+            continue
+        for name in group:
+            perms[name] = perm
+            stats[name] = _permute_stats(stats[name], perm)
+    return perms, stats, [f[0] for f in folds]
+
+
+@torch.no_grad()
+def _outlier_ratios(layers, inps, kwargs, device, backend: str, shard: Shard, m: float, progress: bool) -> list[float]:
+    """OWL's calibration pass: each dense decoder layer's share of outlier Wanda scores, layer by layer."""
+    ratios = []
+    for index, layer in enumerate(progress_bar(layers, progress, "OWL outlier ratios")):
+        home = _first_device(layer)
+        work = device or home
+        if work != home:
+            layer.to(work)
+        linears = linear_layers(layer)
+        with shard.step(f"OWL: measuring decoder layer {index}"):
+            inps, kw = inps.to(work), _to(kwargs, work)
+            out: list[torch.Tensor] = []  # the layer's outputs: the next layer's inputs
+            run = functools.partial(_run_into, out, layer, inps, kw)
+            norms = _combine_norms(_collect_norms(layer, linears, run, backend), shard)
+            ratios.append(owl_alloc.outlier_ratio(
+                [_linear_weight(mod).abs().float() * norms[name][None, :] for name, mod in linears.items()], m))
+            inps = out[0]
+        if work != home:
+            layer.to(home)
+    return ratios
 
 
 def _fingerprint(calib: torch.Tensor) -> list[int]:
@@ -414,6 +617,10 @@ def _to_host(scalars: list[torch.Tensor]) -> list:
         for i, v in zip(idx, torch.stack([scalars[i] for i in idx]).tolist()):
             out[i] = v
     return out
+
+
+def _run_into(out: list, layer, inps, kwargs) -> None:
+    out.append(_run_layer(layer, inps, kwargs))
 
 
 @torch.no_grad()

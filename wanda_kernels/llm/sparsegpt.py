@@ -31,18 +31,25 @@ def collect_hessians(linears: dict[str, nn.Module], run: Callable[[], object]) -
     """
     hessians: dict[str, torch.Tensor] = {}
     handles = []
+    # (the input tensor, its version, its X^T X): layers that read the same input share the product
+    last: list = [None, -1, None]
+
     for name, mod in linears.items():
         def hook(module, args, name=name):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            term = x.t() @ x
+            x_in = args[0]
+            if last[0] is not x_in or last[1] != x_in._version:  # q/k/v (gate/up) get the same tensor in turn
+                x = x_in.reshape(-1, x_in.shape[-1]).float()
+                # fp32 product, widened once: a same-dtype add is faster on a CPU than a mixed one, same bits
+                last[:] = [x_in, x_in._version, (x.t() @ x).double()]
             h = hessians.get(name)
-            hessians[name] = term.double() if h is None else h.add_(term)
+            hessians[name] = last[2].clone() if h is None else h.add_(last[2])
         handles.append(mod.register_forward_pre_hook(hook))
     try:
         run()
     finally:
         for handle in handles:
             handle.remove()
+        last.clear()
     return hessians
 
 
