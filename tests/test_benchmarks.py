@@ -175,3 +175,23 @@ def test_bitmap_checkpoint_smoke(tmp_path):
     assert row["bitmap_file_bytes"] < row["dense_file_bytes"] / 3  # fp32 dense file on the CPU
     # On the CPU BitmapLinear runs F.linear on the decompressed fp16 weights: the same perplexity.
     assert row["bitmap_perplexity"] == row["dense_perplexity"] and row["bitmap_kernel"].startswith("dense fallback")
+
+
+def test_ppl_table_smoke(tmp_path):
+    from test_pipeline import _assets_or_skip
+
+    _assets_or_skip()
+    proc = _run("ppl_table.py", "--patterns", "50%", "--variants", "wanda", "wanda +OWL", "wanda +RIA", "--nsamples",
+                "2", "--seqlen", "32", "--eval-tokens", "128", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("ppl_table_*.json")
+    rows = {r["method"]: r for r in json.loads(result.read_text())["results"]}
+    assert set(rows) == {"dense", "wanda", "wanda +OWL", "wanda +RIA"}
+    owl = rows["wanda +OWL"]
+    assert owl["options"]["owl"] and len(owl["layer_targets"]) == 30
+    assert owl["sparsity"] == pytest.approx(0.5, abs=1e-3)  # OWL's mean is the target (each row floors)
+    assert rows["wanda +RIA"]["options"]["metric"] == "ria"
+    assert owl["time_vs_base"] == pytest.approx(owl["prune_seconds"] / rows["wanda"]["prune_seconds"])
+    md = result.with_suffix(".md").read_text()
+    assert "| wanda +OWL | " in md and "x) |" in md
+    assert result.with_suffix(".png").stat().st_size > 10_000

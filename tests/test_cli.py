@@ -94,6 +94,15 @@ BAD_INPUTS = [
     (["prune", "--output", "{ws}/new", "--nsamples", "0"], r"error: --nsamples must be positive; got 0"),
     (["prune", "--output", "{ws}/new", "--compressed", "--sparsity", "0.2"],
      r"error: --compressed stores layers with at least 0.25 sparsity in the bitmap format; --sparsity 0.2 is below it"),
+    (["prune", "--output", "{ws}/new", "--owl", "--pattern", "2:4"],
+     r"error: owl=True gives each decoder layer its own sparsity, but pattern='2:4' fixes every layer's"),
+    (["prune", "--output", "{ws}/new", "--owl", "--sparsity", "0.7", "--owl-lambda", "0.2"],
+     r"error: owl_lambda must be in \[0, 0\.15\) at sparsity 0\.7"),
+    (["prune", "--output", "{ws}/new", "--permute"], r"error: permute=True reorders input channels so that N:M groups"),
+    (["prune", "--output", "{ws}/new", "--dsnot", "--method", "sparsegpt"],
+     r"error: dsnot=True refines a Wanda \(or RIA\) mask without a weight update; got method='sparsegpt'"),
+    (["prune", "--output", "{ws}/new", "--metric", "ria", "--method", "magnitude"],
+     r"error: metric='ria' does not apply to method='magnitude'"),
     (["prune", "--output", "{ws}/full"], r"error: --output .*/full is a folder that is not empty \(2 entries: "
                                          r"config\.json, notes\.txt\); give --overwrite to replace it"),
     (["prune", "--output", "{ws}/a_file"], r"error: --output .*/a_file is an existing file, not a folder"),
@@ -275,6 +284,37 @@ def test_prune_compressed_unstructured_writes_the_bitmap_format_with_the_same_pe
     _assert_usage_error(proc, r"--dtype bf16: .* is a bitmap compressed checkpoint stored in float16")
 
 
+def test_prune_with_every_nm_switch_and_its_compressed_checkpoint(model_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    proc = _cli("prune", "--model", model_dir, "--text", text_file, "--nsamples", "4", "--seqlen", "32",
+                "--pattern", "2:4", "--metric", "ria", "--permute", "--dsnot", "--output", out, "--compressed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / checkpoint.MANIFEST).read_text())["report"]
+    assert report["options"] == dict(metric="ria", owl=False, permute=True, dsnot=True)
+    assert len(report["folded"]) == 2 * 2  # down_proj and o_proj of both layers
+    assert report["permutations"] == sorted(checkpoint.load_permutations(out))
+    layers = json.loads((out / "compressed" / checkpoint.MANIFEST).read_text())["sparse_layers"]
+    assert len(layers) == 2 * 7 and sum(permuted for *_, permuted in layers.values()) == len(report["permutations"])
+    # The compressed copy (gathering its permuted inputs) and the dense copy in fp16 agree;
+    # only the order of the fp16 sums differs.
+    evals = [_cli("eval", "--model", target, "--text", text_file, "--seqlen", "32", "--eval-tokens", "256", *extra)
+             for target, extra in ((out / "compressed", ()), (out, ("--dtype", "fp16")))]
+    assert all(p.returncode == 0 for p in evals), [p.stderr[-2000:] for p in evals]
+    ppl = [float(re.search(r"perplexity (\S+) over", p.stdout).group(1)) for p in evals]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-3), ppl
+
+
+def test_prune_with_owl(model_dir, text_file, tmp_path):
+    proc = _cli("prune", "--model", model_dir, "--text", text_file, "--nsamples", "4", "--seqlen", "32",
+                "--sparsity", "0.6", "--owl", "--owl-lambda", "0.05", "--output", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / checkpoint.MANIFEST).read_text())["report"]
+    assert report["options"]["owl"] and report["options"]["owl_lambda"] == 0.05
+    targets = report["layer_targets"]
+    assert len(targets) == 2 and sum(targets) / 2 == pytest.approx(0.6) and max(targets) - min(targets) == \
+        pytest.approx(0.1)
+
+
 @pytest.mark.parametrize(("raised", "status", "message"), [
     (KeyboardInterrupt(), 130, r"^wanda-kernels prune: interrupted; no output was left half-written$"),
     (OSError(28, "No space left on device"), 1, r"^wanda-kernels prune: error: \[Errno 28\] No space left on device "
@@ -374,7 +414,7 @@ def test_prune_eval_demo_smoke(tmp_path):
     result = json.loads((tmp_path / "d" / "demo.json").read_text())
     assert result["model"] == "SmolLM2-135M-Instruct"
     assert [r["run"] for r in result["results"]] == ["dense", "magnitude 50%", "wanda 50%", "magnitude 2:4",
-                                                     "wanda 2:4"]
+                                                     "wanda 2:4", "wanda+RIA+perm+DSnoT 2:4"]
     assert (tmp_path / "d" / "demo.png").stat().st_size > 0
 
 

@@ -287,7 +287,7 @@ def test_demo_chart_groups_by_pattern_with_dense_as_a_line(tmp_path, monkeypatch
     from wanda_kernels.llm import demo
 
     rows = [dict(run=label, method=method, pattern=pattern or "-", perplexity=ppl, prune_seconds=None)
-            for (method, pattern, label), ppl in zip(demo.DEMO_RUNS, [36.5, 388.1, 66.2, 1174.2, 163.9])]
+            for (method, pattern, label, _), ppl in zip(demo.DEMO_RUNS, [36.5, 388.1, 66.2, 1174.2, 163.9, 114.9])]
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at it
     path = demo.bar_chart(rows, tmp_path / "demo.png", "SmolLM2-135M-Instruct (135M) on Emma")
@@ -296,7 +296,7 @@ def test_demo_chart_groups_by_pattern_with_dense_as_a_line(tmp_path, monkeypatch
     (ax,) = fig.axes
     assert ax.get_title() == "SmolLM2-135M-Instruct (135M) on Emma: perplexity after pruning"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["50% unstructured", "2:4 (50%)"]
-    assert len(ax.patches) == 4 and sorted(p.get_height() for p in ax.patches) == [66.2, 163.9, 388.1, 1174.2]
+    assert len(ax.patches) == 5 and sorted(p.get_height() for p in ax.patches) == [66.2, 114.9, 163.9, 388.1, 1174.2]
     (dense,) = ax.get_lines()
     assert list(dense.get_ydata()) == [36.5, 36.5] and "dense" in dense.get_label()
     fig.canvas.draw()

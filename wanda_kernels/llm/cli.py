@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .owl import DEFAULT_LAMBDA, DEFAULT_M
+
 log = logging.getLogger("wanda_kernels")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -96,11 +98,11 @@ def _check_common(args, device: torch.device | None = None) -> tuple[torch.devic
 
 def _check_prune_options(args) -> None:
     """The options prune_model would refuse, refused before the model is loaded."""
-    from ..prune import prune_spec
     from ..sparsify import DEFAULT_MIN_SPARSITY
+    from .pipeline import check_options
 
     try:
-        spec = prune_spec(args.sparsity, args.pattern)
+        spec, _ = check_options(args.method, args.sparsity, args.pattern, **_mask_options(args))
     except (TypeError, ValueError) as exc:
         raise _usage(exc) from None
     if args.compressed and spec.nm != (2, 4) and spec.sparsity < DEFAULT_MIN_SPARSITY:
@@ -109,6 +111,12 @@ def _check_prune_options(args) -> None:
                          f"format; {what} is below it")
     if not args.dist_timeout > 0:
         raise UsageError(f"--dist-timeout must be positive; got {args.dist_timeout}")
+
+
+def _mask_options(args) -> dict:
+    """prune_model's mask options from the command line (--metric, --owl*, --permute, --dsnot)."""
+    return dict(metric=args.metric, owl=args.owl, owl_lambda=args.owl_lambda, owl_m=args.owl_m, permute=args.permute,
+                dsnot=args.dsnot)
 
 
 def _checked_path(check, path, **kwargs) -> None:
@@ -179,7 +187,7 @@ def _prune(args, device: torch.device, main: bool) -> int:
         model, tok = models.load_model(model_dir, dtype=dtype, device=device, tokenizer=tok)
     log.info("calibration: %d x %d tokens", *calib.shape)
     report = pipeline.prune_model(model, calib, args.sparsity, pattern=args.pattern, method=args.method,
-                                  device=device)
+                                  device=device, **_mask_options(args))
     if not main:
         return 0
     ranks = f" on {report.world_size} processes" if report.world_size > 1 else ""
@@ -246,7 +254,7 @@ def cmd_demo(args) -> int:
 
     def show(row):
         seconds = row["prune_seconds"]
-        print(f"  {row['run']:<15} perplexity {row['perplexity']:9.2f}" +
+        print(f"  {row['run']:<24} perplexity {row['perplexity']:9.2f}" +
               (f"   pruned in {seconds:.1f} s" if seconds else ""))
 
     rows = demo.run_demo(model, calib, windows, device=device, on_result=show)
@@ -298,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pattern", default="unstructured", help="'unstructured' or 'N:M', e.g. 2:4 or 4:8")
     sp.add_argument("--method", default="wanda", choices=["wanda", "magnitude", "sparsegpt"],
                     help="pruning metric: wanda (|W|*||X||), magnitude (|W|, per layer), sparsegpt (OBS update)")
+    sp.add_argument("--metric", default=None, choices=["wanda", "ria"], help="--method wanda's score: wanda "
+                    "(default) or ria (relative importance: |W| over its row's and its column's sums, x ||X||^0.5)")
+    sp.add_argument("--owl", action="store_true", help="unstructured: a sparsity per decoder layer from its share of "
+                    "outlier scores (OWL), the mean exactly --sparsity")
+    sp.add_argument("--owl-lambda", type=float, default=DEFAULT_LAMBDA, help="OWL's spread: layers span "
+                    f"sparsity +- 2 x lambda at most (default {DEFAULT_LAMBDA})")
+    sp.add_argument("--owl-m", type=float, default=DEFAULT_M, help="OWL's outliers: scores above M x the layer's "
+                    f"mean (default {DEFAULT_M:g})")
+    sp.add_argument("--permute", action="store_true", help="N:M: permute input channels so that the groups keep "
+                    "more (folded into the model for down_proj/o_proj; stored with the 2:4 checkpoint otherwise)")
+    sp.add_argument("--dsnot", action="store_true", help="--method wanda: refine each mask with DSnoT swaps that "
+                    "lower the layer's reconstruction error (same counts)")
     sp.add_argument("--output", required=True, help="folder for the pruned model (safetensors); it must not exist "
                     "or be empty, unless --overwrite")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder as a whole "
@@ -319,10 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     device_and_dtype(sp)
     sp.set_defaults(func=cmd_eval)
 
-    sp = sub.add_parser("demo", help="dense vs magnitude vs Wanda on the built-in model",
+    sp = sub.add_parser("demo", help="dense vs magnitude vs Wanda (and the best 2:4 mask) on the built-in model",
                         description="The main job: SmolLM2-135M on the Austen corpus, dense vs magnitude vs Wanda "
-                        "at 50%% unstructured and 2:4; a table of perplexity and pruning time, and a bar chart. "
-                        "The defaults finish in 2 to 3.5 minutes on 2 CPU cores.")
+                        "at 50%% unstructured and 2:4, and 2:4 with RIA scores, channel permutation and DSnoT; a "
+                        "table of perplexity and pruning time, and a bar chart. The defaults finish in 3 to 4.5 "
+                        "minutes on 2 CPU cores.")
     model_and_text(sp)
     calibration(sp, 32, 256)
     evaluation(sp, 8192)

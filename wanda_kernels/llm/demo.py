@@ -1,4 +1,4 @@
-"""The main job on the built-in model: dense vs magnitude vs Wanda, 50% unstructured and 2:4.
+"""The main job on the built-in model: dense vs magnitude vs Wanda (50% unstructured, 2:4), and the best 2:4 mask.
 
 Library side of ``wanda-kernels demo``: runs the comparison, formats the table and
 writes ``demo.json`` and ``demo.png``; the command (:mod:`.cli`) prints.
@@ -20,12 +20,16 @@ logger = logging.getLogger("wanda_kernels")
 
 __all__ = ["DEMO_RUNS", "run_demo", "format_table", "write_results", "bar_chart"]
 
-DEMO_RUNS = [  # (method, pattern, label); method "dense" is the unpruned model
-    ("dense", None, "dense"),
-    ("magnitude", "unstructured", "magnitude 50%"),
-    ("wanda", "unstructured", "wanda 50%"),
-    ("magnitude", "2:4", "magnitude 2:4"),
-    ("wanda", "2:4", "wanda 2:4"),
+# (name, pattern, label, prune_model options); "dense" is the unpruned model. The last run
+# is the best 2:4 mask without a weight update: RIA scores, channel permutation, DSnoT.
+BEST_24 = dict(method="wanda", metric="ria", permute=True, dsnot=True)
+DEMO_RUNS = [
+    ("dense", None, "dense", None),
+    ("magnitude", "unstructured", "magnitude 50%", dict(method="magnitude")),
+    ("wanda", "unstructured", "wanda 50%", dict(method="wanda")),
+    ("magnitude", "2:4", "magnitude 2:4", dict(method="magnitude")),
+    ("wanda", "2:4", "wanda 2:4", dict(method="wanda")),
+    ("wanda+RIA+perm+DSnoT", "2:4", "wanda+RIA+perm+DSnoT 2:4", BEST_24),
 ]
 
 
@@ -45,11 +49,11 @@ def run_demo(model: nn.Module, calib: torch.Tensor, windows: torch.Tensor, *, de
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     rows = []
     try:
-        for method, pattern, label in DEMO_RUNS:
+        for method, pattern, label, options in DEMO_RUNS:
             model.load_state_dict(original)
             seconds = None
-            if method != "dense":
-                report = pipeline.prune_model(model, calib, pattern=pattern, method=method, device=device)
+            if options is not None:
+                report = pipeline.prune_model(model, calib, pattern=pattern, device=device, **options)
                 seconds = report.total_seconds
             ppl = evaluate.perplexity(model, windows)
             row = {"run": label, "method": method, "pattern": pattern or "-", "perplexity": ppl,
@@ -64,10 +68,11 @@ def run_demo(model: nn.Module, calib: torch.Tensor, windows: torch.Tensor, *, de
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'run':<15} {'perplexity':>11} {'prune time':>11}", "-" * 39]
+    width = max(15, *(len(r["run"]) for r in rows))
+    lines = [f"{'run':<{width}} {'perplexity':>11} {'prune time':>11}", "-" * (width + 24)]
     for r in rows:
         t = f"{r['prune_seconds']:.1f} s" if r["prune_seconds"] is not None else "-"
-        lines.append(f"{r['run']:<15} {r['perplexity']:>11.2f} {t:>11}")
+        lines.append(f"{r['run']:<{width}} {r['perplexity']:>11.2f} {t:>11}")
     return "\n".join(lines)
 
 
@@ -84,7 +89,7 @@ def write_results(rows: list[dict], out_dir, info: dict, title: str) -> tuple[Pa
 
 
 PATTERN_LABELS = {"unstructured": "50% unstructured", "2:4": "2:4 (50%)"}
-METHOD_COLORS = {"magnitude": "tab:orange", "wanda": "tab:blue"}
+METHOD_COLORS = {"magnitude": "tab:orange", "wanda": "tab:blue", "wanda+RIA+perm+DSnoT": "tab:green"}
 
 
 def bar_chart(rows: list[dict], path: Path, title: str) -> Path | None:
@@ -105,6 +110,7 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> Path | None:
     methods = list(dict.fromkeys(r["method"] for r in pruned))
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    labelled = set()
     for m, method in enumerate(methods):
         for g, pattern in enumerate(patterns):
             match = [r for r in pruned if r["method"] == method and r["pattern"] == pattern]
@@ -113,7 +119,8 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> Path | None:
             x = g + (m - (len(methods) - 1) / 2) * width
             value = match[0]["perplexity"]
             ax.bar(x, value, width * 0.9, color=METHOD_COLORS.get(method, f"C{m}"),
-                   label=method if g == 0 else None)
+                   label=None if method in labelled else method)
+            labelled.add(method)
             ax.annotate(f"{value:.1f}", (x, value), xytext=(0, 2), textcoords="offset points", ha="center",
                         va="bottom", fontsize=8)
     if dense:
