@@ -247,3 +247,18 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def pyplot():
+    """``matplotlib.pyplot`` with the file-only Agg backend, or None (and one warning) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        import logging
+
+        logging.getLogger("benchmarks").warning("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    return plt

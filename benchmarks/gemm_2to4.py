@@ -46,6 +46,7 @@ from _common import (
     gbps,
     graph_ms,
     peak_hbm_gbps,
+    pyplot,
     rotation_copies,
     tflops,
     write_results,
@@ -238,13 +239,8 @@ def run_case(model, layer, shape, tokens, dtype, device, kernels, bandwidth):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, dtype in zip(axes, ("float16", "bfloat16")):

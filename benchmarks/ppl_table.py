@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 
-from _common import add_protocol_args, environment, load_protocol, protocol_info, write_results
+from _common import add_protocol_args, environment, load_protocol, protocol_info, pyplot, write_results
 
 log = logging.getLogger("ppl_table")
 
@@ -148,13 +148,8 @@ def _markdown(rows, env) -> str:
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return None
     dense = next(r["perplexity"] for r in rows if r["method"] == "dense")
     fig, (ax_u, ax_nm) = plt.subplots(1, 2, figsize=(13, 5), sharey=True, gridspec_kw=dict(width_ratios=[3, 2]))
