@@ -139,7 +139,7 @@ def test_compressed_bitmap_checkpoint_loads_into_bitmap_linear(tmp_path, pattern
         assert torch.equal(loaded(ids).logits, dense16(ids).logits)
     # Stored: fp16 values of the kept half plus one bit per weight for every sparse layer.
     with safe_open(str(tmp_path / "c" / "model.safetensors"), "pt") as f:
-        for name, (in_f, out_f, _) in manifest["sparse_layers"].items():
+        for name, (in_f, out_f, *_) in manifest["sparse_layers"].items():
             values, bits = f.get_tensor(f"{name}.values"), f.get_tensor(f"{name}.bitmap")
             assert values.shape == (out_f, in_f // 2) and bits.shape == (out_f, -(-in_f // 32))
             stored = values.numel() * 2 + bits.numel() * 4

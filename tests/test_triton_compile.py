@@ -32,6 +32,7 @@ def test_all_kernels_compile_for_sm80_and_sm90():
     for name in ("wanda_mask_kernel", "wanda_nm_mask_kernel", "sq_norms_kernel", "prune_compress_24_kernel",
                  "bitmap_linear_kernel"):
         assert {(name, 80), (name, 90)} <= kernels
-    # archs x (dtypes x variants + 16-bit dtypes x (2:4 layouts + bitmap launch configurations))
-    assert len(rows) == 2 * (3 * (3 + 4 + 1) + 2 * (2 + 5))
+    # archs x (dtypes x (4 unstructured + 5 N:M mask variants, RIA's among them, + norms)
+    #          + 16-bit dtypes x (2:4 layouts + bitmap launch configurations))
+    assert len(rows) == 2 * (3 * (4 + 5 + 1) + 2 * (2 + 5))
     assert all(r["cubin_bytes"] > 0 and r["ptx_bytes"] > 0 for r in rows)
