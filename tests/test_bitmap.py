@@ -53,14 +53,64 @@ def test_hand_computed_rows():
     assert bits.dtype == torch.int32 and bits.tolist() == [[9, 2], [-(2**31), 129]]
     assert values.tolist() == [[1.0, -2.0, 3.0], [4.0, 5.0, -6.0]] and offsets is None
     assert torch.equal(wk.decompress_bitmap(values, bits, 40), w)
-    # Unequal counts: one more weight in row 1 -> 1-D values and row offsets [0, 3, 7].
+    # Unequal counts (the mask says so): one more weight in row 1 -> 1-D values and row
+    # offsets [0, 3, 7]. (Without a mask, row 0 would keep a zero instead: next test.)
     w[1, 2] = 7.0
-    values, bits, offsets = wk.compress_bitmap(w)
+    values, bits, offsets = wk.compress_bitmap(w, w != 0)
     assert values.tolist() == [1.0, -2.0, 3.0, 7.0, 4.0, 5.0, -6.0] and offsets.tolist() == [0, 3, 7]
     assert bits[1].tolist() == [-(2**31) + 4, 129]
     assert torch.equal(wk.decompress_bitmap(values, bits, 40, offsets), w)
     # The chunk table of a 40-column weight has one chunk: each row's start.
     assert bitmap.chunk_offsets(bits, values, offsets).tolist() == [[0], [3]]
+
+
+def test_without_a_mask_short_rows_keep_zeros_when_that_is_smaller():
+    # Rows of 3, 4, 4 non-zeros in 8 columns: padding row 0 with its first zero (column 1)
+    # costs 2 bytes, row offsets 8 * 4 = 32: every row keeps 4, values (3, 4), no offsets.
+    w = torch.zeros(3, 8, dtype=torch.float16)
+    w[0, [0, 2, 5]] = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16)
+    w[1, [1, 2, 3, 4]] = 4.0
+    w[2, [0, 1, 6, 7]] = 5.0
+    values, bits, offsets = wk.compress_bitmap(w)
+    assert offsets is None and values.tolist()[0] == [1.0, 0.0, 2.0, 3.0]
+    assert bits[:, 0].tolist() == [0b100111, 0b11110, 0b11000011]
+    assert torch.equal(wk.decompress_bitmap(values, bits, 8), w)
+    for impl in (bitmap.nonzero_mask, reference.bitmap_nonzero_mask):
+        assert impl(w).sum(dim=1).tolist() == [4, 4, 4]
+    # Three rows of 1 against one of 12 (in 40 columns): 33 padded values (66 bytes) cost
+    # more than 5 offsets (40 bytes): the non-zeros only, with row offsets.
+    w = torch.zeros(4, 40, dtype=torch.float16)
+    w[:3, 7] = 1.0
+    w[3, :12] = 2.0
+    values, bits, offsets = wk.compress_bitmap(w)
+    assert offsets.tolist() == [0, 1, 2, 3, 15] and values.shape == (15,)
+    for impl in (bitmap.nonzero_mask, reference.bitmap_nonzero_mask):
+        assert torch.equal(impl(w), w != 0)
+    # Rows of 1, 5, 5 and 4: 9 padded values (18 bytes) against 40: padded to 5 each.
+    w[1:3, :4] = 3.0
+    w[3, 4:] = 0.0
+    values, _, offsets = wk.compress_bitmap(w)
+    assert offsets is None and values.shape == (4, 5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 8), in_=st.integers(1, 70), dtype=st.sampled_from(DTYPES),
+       density=st.sampled_from([0.1, 0.5, 0.9]), seed=st.integers(0, 2**16))
+def test_nonzero_mask_pads_by_the_byte_rule(out, in_, dtype, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = _weight(out, in_, dtype, seed) * (torch.rand(out, in_, generator=g) < density)
+    mask = bitmap.nonzero_mask(w)
+    assert torch.equal(mask, reference.bitmap_nonzero_mask(w))
+    assert bool((mask | (w == 0)).all()) and bool(mask[w != 0].all())  # every non-zero kept; only zeros added
+    counts = (w != 0).sum(dim=1)
+    padding_bytes = int((counts.max() - counts).sum()) * w.element_size()
+    equal = bool((mask.sum(dim=1) == mask.sum(dim=1)[0]).all())
+    assert equal == (padding_bytes <= 8 * (out + 1))
+    values, bits, offsets = wk.compress_bitmap(w)
+    assert (offsets is None) == equal
+    back = wk.decompress_bitmap(values, bits, in_, offsets)
+    assert torch.equal(back, w)  # the same weight (a kept -0.0 keeps its sign, a pruned one is +0.0)
+    assert torch.equal(back.view(torch.int16), torch.where(mask, w, torch.zeros_like(w)).view(torch.int16))
 
 
 def test_a_kept_zero_keeps_its_place():

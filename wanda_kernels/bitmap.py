@@ -31,6 +31,7 @@ from ._validation import check_positive_int
 __all__ = [
     "compress_bitmap",
     "decompress_bitmap",
+    "nonzero_mask",
     "bitmap_mask",
     "chunk_offsets",
     "check_bitmap",
@@ -95,6 +96,26 @@ def _popcount(bitmap: torch.Tensor) -> torch.Tensor:
     return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
 
 
+def nonzero_mask(weight: torch.Tensor) -> torch.Tensor:
+    """The keep-mask ``compress_bitmap`` uses without one: ``(out, in)`` bool, weight's device.
+
+    The non-zeros of ``weight (out, in)``, and, when rows hold different counts, zeros
+    too (each short row's first ones) up to the largest count, if those extra values
+    take no more bytes than the ``row_offsets`` they spare (``8 (out + 1)``). A pruned
+    model's zeros cannot be told from kept weights that are exactly 0 (common in
+    dequantised models), so this gives such rows back their equal counts; masks with
+    truly unequal rows (per-layer magnitude) keep their offsets. The dense weight is the
+    same either way: a kept zero and a pruned one decompress alike.
+    """
+    mask = weight != 0
+    counts = mask.sum(dim=1)
+    deficit = counts.max() - counts
+    if int(deficit.sum()) * weight.element_size() > 8 * (weight.shape[0] + 1):
+        return mask
+    zero_rank = torch.cumsum(~mask, dim=1, dtype=torch.int32)  # 1, 2, ... at a row's 1st, 2nd, ... zero
+    return mask | (~mask & (zero_rank <= deficit[:, None]))
+
+
 def compress_bitmap(weight: torch.Tensor, mask: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Compress ``weight`` into the bitmap format.
@@ -103,7 +124,9 @@ def compress_bitmap(weight: torch.Tensor, mask: torch.Tensor | None = None
         weight: ``(out, in)`` float16/bfloat16, CPU or CUDA, any strides.
         mask: ``(out, in)`` bool on the weight's device, True where a weight is kept
             (a kept weight may be zero: its place is kept too, so rows keep their
-            counts). None: keep the non-zeros (``weight != 0``; a -0.0 counts as zero).
+            counts). None: :func:`nonzero_mask`, the non-zeros (a -0.0 counts as zero),
+            plus zeros kept to give every row the same count where that is smaller than
+            row offsets (a pruned model's kept weight that happens to be 0).
 
     Returns:
         ``(values, bitmap, row_offsets)``, contiguous on the weight's device:
@@ -125,7 +148,7 @@ def compress_bitmap(weight: torch.Tensor, mask: torch.Tensor | None = None
                         "model first, e.g. model.half() or model.to(torch.bfloat16)")
     weight = weight.detach()
     if mask is None:
-        mask = weight != 0
+        mask = nonzero_mask(weight)
     else:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a bool torch.Tensor or None; got {type(mask).__name__}")

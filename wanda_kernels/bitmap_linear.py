@@ -78,7 +78,8 @@ class BitmapLinear(nn.Module):
         """From a weight ``(out, in)`` float16/bfloat16, an optional bias ``(out,)`` and keep-mask.
 
         ``mask`` (bool, the weight's shape and device): the weights to keep, zeros
-        included (so that rows keep equal counts); None keeps the non-zeros.
+        included (so that rows keep equal counts); None: :func:`~wanda_kernels.bitmap.nonzero_mask`
+            (the non-zeros, short rows padded with kept zeros where that is smaller).
         """
         values, bitmap, row_offsets = compress_bitmap(weight, mask)  # checks weight and mask
         out_features, in_features = weight.shape

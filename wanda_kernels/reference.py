@@ -317,13 +317,28 @@ def decompress_24_sm90(values: torch.Tensor, meta_e: torch.Tensor) -> torch.Tens
 # bit at a time.
 
 
+def bitmap_nonzero_mask(weight: torch.Tensor) -> torch.Tensor:
+    """The non-zeros; if padding every row with its first zeros up to the largest row's
+    count costs at most the row offsets' ``8 (out + 1)`` bytes, those zeros too."""
+    mask = weight != 0
+    counts = [int(mask[i].sum()) for i in range(weight.shape[0])]
+    top = max(counts)
+    if sum(top - c for c in counts) * weight.element_size() > 8 * (weight.shape[0] + 1):
+        return mask
+    for i, c in enumerate(counts):
+        zeros = [j for j in range(weight.shape[1]) if not bool(mask[i, j])]
+        for j in zeros[: top - c]:
+            mask[i, j] = True
+    return mask
+
+
 def compress_bitmap(weight: torch.Tensor, mask: torch.Tensor | None = None):
     """``(values, bitmap, row_offsets)``: the kept weights of each row in column order; bit
     ``j % 32`` of word ``j // 32`` set when column ``j`` is kept (as a signed int32); values
     ``(out, nnz_row)`` and no offsets when the rows' counts are equal, else 1-D values and
-    ``row_offsets (out + 1,)`` int64."""
+    ``row_offsets (out + 1,)`` int64. Without a mask: :func:`bitmap_nonzero_mask`."""
     if mask is None:
-        mask = weight != 0
+        mask = bitmap_nonzero_mask(weight)
     out, in_features = weight.shape
     words = (in_features + 31) // 32
     rows, bitmap = [], torch.zeros(out, words, dtype=torch.int32)
