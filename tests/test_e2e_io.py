@@ -5,6 +5,8 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 transformers = pytest.importorskip("transformers")
 
@@ -144,6 +146,60 @@ def test_compressed_bitmap_checkpoint_loads_into_bitmap_linear(tmp_path, pattern
             assert values.shape == (out_f, in_f // 2) and bits.shape == (out_f, -(-in_f // 32))
             stored = values.numel() * 2 + bits.numel() * 4
             assert stored / (out_f * in_f * 2) == 0.5 + 4 * -(-in_f // 32) / (2 * in_f)  # 0.5625 when in % 32 == 0
+
+
+class _OpsOnShapes(TorchDispatchMode):
+    """Every aten op that reads or returns a CPU tensor of one of ``shapes``: (op, devices of its results)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.wanted, self.ops = set(shapes), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_leaves((args, kwargs, result)) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" and tuple(t.shape) in self.wanted for t in tensors):
+            self.ops.append((str(func), {t.device.type for t in tree_leaves(result) if isinstance(t, torch.Tensor)}))
+        return result
+
+
+@pytest.mark.parametrize(("fmt", "pattern"), [("bitmap", "unstructured"), ("2:4", "2:4")])
+def test_loading_a_compressed_checkpoint_never_materialises_a_dense_sparse_weight(tmp_path, fmt, pattern):
+    # Vocabulary 96 and 192 MLP channels, so neither the dense parameters (embedding (96, 64),
+    # tied to the output layer; norms (64,)) nor the stored tensors have the shape of a
+    # decoder linear's weight ((64, 64), (32, 64), (192, 64), (64, 192)): a CPU op on a tensor of such a shape while loading touches a dense copy of
+    # a sparse weight. The only ones allowed: nn.Linear's constructor allocating its weight
+    # uninitialised (torch.empty, no page written) and it going to the meta device at once.
+    # Building the model from its config, as before, initialised each one at random on the
+    # CPU (uniform_) and so needed the dense model's memory and time.
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    report = pipeline.prune_model(model, ids, pattern=pattern, progress=False)
+    out = checkpoint.save_compressed(model, None, tmp_path / "c", format=fmt, report=report, progress=False)
+    sparse = [m.weight for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    dense_shapes = {tuple(p.shape) for p in model.parameters() if all(p is not w for w in sparse)}
+    weight_shapes = {tuple(w.shape) for w in sparse} - dense_shapes
+    assert weight_shapes == {(64, 64), (32, 64), (192, 64), (64, 192)}
+    with warnings.catch_warnings(), _OpsOnShapes(weight_shapes) as seen:
+        warnings.simplefilter("ignore")  # the CPU fallback's warning
+        loaded, _ = checkpoint.load_compressed(out)
+    ops = {(op, frozenset(devices)) for op, devices in seen.ops}
+    assert ops == {("aten.empty.memory_format", frozenset({"cpu"})), ("aten._to_copy.default", frozenset({"meta"}))}
+    assert sum(op == "aten.empty.memory_format" for op, _ in seen.ops) == len(sparse)  # one per layer, no more
+    # Nothing left on the meta device, the embedding tied again, and the same logits.
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    checkpoint.save_pruned(model, None, tmp_path / "dense")
+    dense16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float16).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, want = loaded(ids[:2]).logits.float(), dense16(ids[:2]).logits.float()
+    # Bitmap on CPU: F.linear on the exact fp16 weights, so the same logits; 2:4 as in
+    # test_compressed_24_checkpoint_loads_into_sparse_linear.
+    torch.testing.assert_close(got, want, rtol=0 if fmt == "bitmap" else 1e-2, atol=0 if fmt == "bitmap" else 1e-2)
 
 
 def test_a_damaged_bitmap_checkpoint_is_refused_naming_the_layer(tmp_path):

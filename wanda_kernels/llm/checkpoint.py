@@ -11,8 +11,11 @@
   pruned linear layer (unstructured or N:M) as a ``BitmapLinear`` (``values``,
   ``bitmap``, ``row_offsets`` for unequal rows, ``bias``); the rest dense.
   ``wanda_kernels.json`` names the format and lists the sparse layers.
-  ``load_compressed(out)`` rebuilds the model from its config with those modules and
-  loads the stored tensors into them (a sparse weight is never decompressed).
+  ``load_compressed(out)`` builds the model from its config with its parameters on the
+  meta device (no memory, no random initialisation), puts those modules in place of the
+  sparse layers, and loads the stored tensors into them and into empty dense parameters:
+  a sparse layer's dense weight is never allocated, so loading needs the compressed
+  model's memory, not the dense one's.
 
 Both write into a temporary sibling folder renamed into place at the end
 (:func:`~wanda_kernels.llm.safe_io.staged_dir`): a non-empty ``out`` is refused unless
@@ -216,6 +219,22 @@ def is_compressed_checkpoint(path) -> bool:
     return _module_for(_manifest(Path(path))) is not None
 
 
+def _empty_meta_parameters(model: torch.nn.Module) -> None:
+    """Give every parameter still on the meta device uninitialised CPU memory, in place.
+
+    For a model about to receive every parameter from a file (``load_model(strict=True)``
+    then fails on any it lacks). A parameter shared by several modules stays shared.
+    """
+    made: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                if id(param) not in made:
+                    made[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                         requires_grad=param.requires_grad)
+                module._parameters[name] = made[id(param)]
+
+
 def load_compressed(path, *, device="cpu", verify: bool = True):
     """``(model, tokenizer)`` from :func:`save_compressed`, with SparseLinear or BitmapLinear modules, in eval mode.
 
@@ -230,6 +249,7 @@ def load_compressed(path, *, device="cpu", verify: bool = True):
             file (named), or tensors that do not match the config and manifest.
     """
     import transformers
+    from accelerate import init_empty_weights
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
@@ -242,7 +262,8 @@ def load_compressed(path, *, device="cpu", verify: bool = True):
     dtype = _stored_dtype(path, manifest)
     module_cls = _module_for(manifest)
     config = transformers.AutoConfig.from_pretrained(path)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, (in_f, out_f, bias, *permuted) in manifest["sparse_layers"].items():
         try:
             old = model.get_submodule(name)
@@ -255,6 +276,8 @@ def load_compressed(path, *, device="cpu", verify: bool = True):
         # BitmapLinear takes the sizes of its values from the file (they depend on the weight).
         extra = {"permuted": True} if permuted and permuted[0] else {}  # a SparseLinear with an input permutation
         setattr(model.get_submodule(parent), child, module_cls(in_f, out_f, bias, dtype=dtype, **extra))
+    _empty_meta_parameters(model)
+    model.tie_weights()  # tied embeddings share one tensor again (the file stores it once)
     try:
         load_model(model, str(path / "model.safetensors"), strict=True)
     except (SafetensorError, OSError) as exc:
