@@ -97,14 +97,16 @@ def main(argv=None) -> int:
             row["dense_perplexity"] = evaluate.perplexity(dense16, windows, progress=False)
             row["dense_eval_seconds"] = time.perf_counter() - t0
             del dense16
+            t0 = time.perf_counter()
             loaded, _ = checkpoint.load_compressed(comp_dir, device=device)
+            row["bitmap_load_seconds"] = time.perf_counter() - t0  # sha256 check included
             kernels = {m.kernel() for m in loaded.modules() if isinstance(m, BitmapLinear)}
             t0 = time.perf_counter()
             row["bitmap_perplexity"] = evaluate.perplexity(loaded, windows, progress=False)
             row["bitmap_eval_seconds"] = time.perf_counter() - t0
             row["bitmap_kernel"] = "; ".join(sorted(kernels))
-            row["rows_with_offsets"] = sum(m.row_offsets is not None for m in loaded.modules()
-                                           if isinstance(m, BitmapLinear))
+            row["layers_with_row_offsets"] = sum(m.row_offsets is not None for m in loaded.modules()
+                                                 if isinstance(m, BitmapLinear))
             del loaded
         rows.append(row)
         log.info("%s: sparse layers %.4f of dense bytes, model %.4f; perplexity dense %.3f, bitmap %.3f", label,
@@ -112,9 +114,10 @@ def main(argv=None) -> int:
 
     print(format_table(rows, [
         ("pattern", "pattern", ""), ("sparse_layers_ratio", "layers bytes", ".4f"),
-        ("model_ratio", "model bytes", ".4f"),
+        ("model_ratio", "model bytes", ".4f"), ("layers_with_row_offsets", "layers w/ offsets", "d"),
         ("dense_file_bytes", "dense file", ",d"), ("bitmap_file_bytes", "bitmap file", ",d"),
         ("dense_perplexity", "ppl dense", ".3f"), ("bitmap_perplexity", "ppl bitmap", ".3f"),
+        ("bitmap_load_seconds", "load bitmap s", ".1f"),
         ("dense_eval_seconds", "eval dense s", ".1f"), ("bitmap_eval_seconds", "eval bitmap s", ".1f")]))
     env = environment(device)
     env.update(work_dtype=str(work_dtype), stored_dtype=str(stored),
