@@ -1,5 +1,6 @@
 """Data loading, checkpoints and the CLI."""
 
+import copy
 import json
 import warnings
 
@@ -200,6 +201,28 @@ def test_loading_a_compressed_checkpoint_never_materialises_a_dense_sparse_weigh
     # Bitmap on CPU: F.linear on the exact fp16 weights, so the same logits; 2:4 as in
     # test_compressed_24_checkpoint_loads_into_sparse_linear.
     torch.testing.assert_close(got, want, rtol=0 if fmt == "bitmap" else 1e-2, atol=0 if fmt == "bitmap" else 1e-2)
+
+
+def test_the_cpu_copy_for_saving_is_made_in_the_stored_dtype_only():
+    # save_compressed's copy: what deepcopy(model).to("cpu", fp16) gives, bit for bit, ties
+    # kept, the model untouched; but no fp32 copy of any weight on the way (the old way
+    # cloned the whole model on its own device and in its own dtype first).
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    with _OpsOnShapes(shapes) as seen:
+        copied = checkpoint._cpu_copy(model, torch.float16)
+    made = {op for op, _ in seen.ops}
+    assert made and made <= {"aten._to_copy.default", "aten.detach.default"}  # one fp16 copy per tensor, no clone
+    want = copy.deepcopy(model).to("cpu", torch.float16).state_dict()
+    got = copied.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype
+                                             for k in want)
+    assert copied.lm_head.weight is copied.model.embed_tokens.weight
+    assert all(torch.equal(v, before[k]) and v.dtype == torch.float32 for k, v in model.state_dict().items())
 
 
 def test_a_damaged_bitmap_checkpoint_is_refused_naming_the_layer(tmp_path):

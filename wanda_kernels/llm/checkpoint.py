@@ -96,6 +96,22 @@ def load_permutations(path) -> dict[str, torch.Tensor]:
     return load_file(str(file))
 
 
+def _cpu_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``model`` on the CPU, floating-point parameters and buffers in ``dtype``.
+
+    What ``copy.deepcopy(model).to("cpu", dtype)`` gives, but each tensor is copied
+    straight to the CPU in ``dtype``: no second copy of the model on its own device (a
+    GPU) or in its own dtype (fp32 on a CPU). Tied parameters stay tied.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) not in memo:
+            copied = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else None, copy=True)
+            memo[id(tensor)] = (torch.nn.Parameter(copied, requires_grad=tensor.requires_grad)
+                                if isinstance(tensor, torch.nn.Parameter) else copied)
+    return copy.deepcopy(model, memo)
+
+
 def save_compressed(model, tokenizer, out_dir, *, format: str = "2:4", dtype: torch.dtype = torch.float16,
                     report=None, overwrite: bool = False, progress: bool = True) -> Path:
     """The compressed checkpoint of ``model``: its pruned linear layers as SparseLinear (2:4) or BitmapLinear.
@@ -117,7 +133,7 @@ def save_compressed(model, tokenizer, out_dir, *, format: str = "2:4", dtype: to
         raise TypeError(f"the compressed formats store float16 or bfloat16; got dtype={dtype}")
     manifest_format, module_cls = COMPRESSED[format]
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
-        packed = copy.deepcopy(model).to(device="cpu", dtype=dtype)
+        packed = _cpu_copy(model, dtype)
         perms = getattr(report, "permutations", None) or {}
         names = sparsify_(packed, format=format, progress=progress, permutations=perms)
         if not names:
