@@ -79,7 +79,7 @@ class BitmapLinear(nn.Module):
 
         ``mask`` (bool, the weight's shape and device): the weights to keep, zeros
         included (so that rows keep equal counts); None: :func:`~wanda_kernels.bitmap.nonzero_mask`
-            (the non-zeros, short rows padded with kept zeros where that is smaller).
+        (the non-zeros, short rows padded with kept zeros where that is smaller).
         """
         values, bitmap, row_offsets = compress_bitmap(weight, mask)  # checks weight and mask
         out_features, in_features = weight.shape

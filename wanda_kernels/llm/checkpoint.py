@@ -14,8 +14,9 @@
   ``load_compressed(out)`` builds the model from its config with its parameters on the
   meta device (no memory, no random initialisation), puts those modules in place of the
   sparse layers, and loads the stored tensors into them and into empty dense parameters:
-  a sparse layer's dense weight is never allocated, so loading needs the compressed
-  model's memory, not the dense one's.
+  a sparse layer's dense weight is never initialised or filled (``nn.Linear`` reserves
+  it for a moment, untouched, before it goes to meta), so loading needs the compressed
+  model's memory and time, not the dense one's.
 
 Both write into a temporary sibling folder renamed into place at the end
 (:func:`~wanda_kernels.llm.safe_io.staged_dir`): a non-empty ``out`` is refused unless
