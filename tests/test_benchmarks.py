@@ -123,6 +123,33 @@ def test_gemm_table_renders_the_committed_h100_result():
     assert line in readme, "README's GEMM table differs from the committed result"
 
 
+def test_gemm_table_sets_the_bitmap_speedups_against_their_targets(tmp_path):
+    # A hand-made result (no GPU here): each bitmap cell is the speedup and its target for
+    # that token count (1.5x at 1, 1.3x from 16, 1.0x from 128, 0.9x from 2048), met or missed.
+    def row(tokens, speedup, layer="q", shape=(4096, 4096)):
+        return {"model": "7B", "layer": layer, "out_features": shape[0], "in_features": shape[1], "tokens": tokens,
+                "dtype": "float16", "speedup_ours": None, "speedup_bitmap": speedup}
+
+    rows = [row(1, 1.62), row(16, 1.2), row(8192, 0.95), row(1, 1.49, "down", (4096, 11008))]
+    path = tmp_path / "gemm_2to4_fake.json"
+    path.write_text(json.dumps({"environment": {}, "results": rows}))
+    proc = subprocess.run([sys.executable, str(BENCH / "gemm_table.py"), str(path)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    lines = proc.stdout.splitlines()
+    assert "| bitmap layer (out × in) | 1 tok | 16 tok | 8192 tok |" in lines
+    assert ("| 7B q (4096×4096) | **1.62×** (≥ 1.5×: met) | **1.20×** (≥ 1.3×: missed) | **0.95×** (≥ 0.9×: met) |"
+            in lines)
+    assert "| 7B down (4096×11008) | **1.49×** (≥ 1.5×: missed) | – | – |" in lines
+    assert "float16: 2 targets met, 2 missed" in lines
+    sys.path.insert(0, str(BENCH))
+    try:
+        from gemm_table import bitmap_target
+    finally:
+        sys.path.remove(str(BENCH))
+    assert [bitmap_target(t) for t in (1, 15, 16, 127, 128, 2047, 2048, 8192)] == [1.5, 1.5, 1.3, 1.3, 1.0, 1.0, 0.9,
+                                                                                   0.9]
+
+
 def test_results_never_overwrite_an_earlier_run(tmp_path):
     # Committed results (the README cites them by name) and earlier runs stay as they are:
     # each run gets a new file named by device and date.
