@@ -27,32 +27,37 @@ def bitmap_target(tokens: int) -> float:
     return BITMAP_TARGETS[max(t for t in BITMAP_TARGETS if t <= tokens)]
 
 
+def _grids(rows: list[dict], corner: str, cell):
+    """Per dtype of ``rows``: ``(dtype, its rows, Markdown table lines)``, a line per layer
+    and a column per token count; ``cell(row, tokens, out_features)`` gives a cell's text,
+    or None for "–" (as where the result has no row)."""
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        sel = [r for r in rows if r["dtype"] == dtype]
+        tokens = sorted({r["tokens"] for r in sel})
+        layers = list(dict.fromkeys((r["model"], r["layer"], r["out_features"], r["in_features"]) for r in sel))
+        by_key = {(r["model"], r["layer"], r["tokens"]): r for r in sel}
+        lines = [f"| {corner} | " + " | ".join(f"{t} tok" for t in tokens) + " |", "|---|" + "---:|" * len(tokens)]
+        for model, layer, out_f, in_f in layers:
+            cells = [(cell(by_key[(model, layer, t)], t, out_f) if (model, layer, t) in by_key else None) or "–"
+                     for t in tokens]
+            lines.append(f"| {model} {layer} ({out_f}×{in_f}) | " + " | ".join(cells) + " |")
+        yield dtype, sel, lines
+
+
+def _bitmap_cell(r: dict, tokens: int, out_features: int) -> str:
+    ok = r["speedup_bitmap"] >= bitmap_target(tokens)
+    return f"**{r['speedup_bitmap']:.2f}×** (≥ {bitmap_target(tokens):g}×: {'met' if ok else 'missed'})"
+
+
 def bitmap_tables(result: dict) -> str:
     """Per dtype, BitmapLinear's speedup over cuBLAS per layer and token count, each against
     its target; empty when the result has no bitmap column."""
     rows = [r for r in result["results"] if r.get("speedup_bitmap") is not None]
     out = []
-    for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        sel = [r for r in rows if r["dtype"] == dtype]
-        tokens = sorted({r["tokens"] for r in sel})
-        layers = list(dict.fromkeys((r["model"], r["layer"], r["out_features"], r["in_features"]) for r in sel))
-        met = missed = 0
-        out.append(f"{dtype}: BitmapLinear (50% unstructured, 0.5625 of the bytes) time / cuBLAS time as a "
-                   "speedup, and its target\n")
-        out.append("| bitmap layer (out × in) | " + " | ".join(f"{t} tok" for t in tokens) + " |")
-        out.append("|---|" + "---:|" * len(tokens))
-        for model, layer, out_f, in_f in layers:
-            cells = []
-            for t in tokens:
-                r = next((r for r in sel if (r["model"], r["layer"], r["tokens"]) == (model, layer, t)), None)
-                if r is None:
-                    cells.append("–")
-                    continue
-                ok = r["speedup_bitmap"] >= bitmap_target(t)
-                met, missed = met + ok, missed + (not ok)
-                cells.append(f"**{r['speedup_bitmap']:.2f}×** (≥ {bitmap_target(t):g}×: {'met' if ok else 'missed'})")
-            out.append(f"| {model} {layer} ({out_f}×{in_f}) | " + " | ".join(cells) + " |")
-        out.append(f"\n{dtype}: {met} targets met, {missed} missed\n")
+    for dtype, sel, lines in _grids(rows, "bitmap layer (out × in)", _bitmap_cell):
+        met = sum(r["speedup_bitmap"] >= bitmap_target(r["tokens"]) for r in sel)
+        out += [f"{dtype}: BitmapLinear (50% unstructured, 0.5625 of the bytes) time / cuBLAS time as a speedup, "
+                "and its target\n", *lines, f"\n{dtype}: {met} targets met, {len(sel) - met} missed\n"]
     return "\n".join(out)
 
 
@@ -61,27 +66,17 @@ def tables(result: dict) -> str:
 
     env, rows = result["environment"], result["results"]
     sms = env.get("sm_count") or env.get("multiprocessors") or 132
+
+    def cell(r, tokens, out_features):
+        if r.get("speedup_ours") is None:
+            return None
+        bracket = f" ({r['speedup_torch']:.2f}×)" if r.get("speedup_torch") else ""
+        return f"**{r['speedup_ours']:.2f}×**{bracket} {sm90_config_for(tokens, out_features, sms)}"
+
     out = []
-    for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        sel = [r for r in rows if r["dtype"] == dtype]
-        tokens = sorted({r["tokens"] for r in sel})
-        layers = list(dict.fromkeys((r["model"], r["layer"], r["out_features"], r["in_features"]) for r in sel))
-        out.append(f"{dtype}: SparseLinear time / cuBLAS time as a speedup (PyTorch's best 2:4 backend's in "
-                   "brackets), the dispatch's configuration below\n")
-        out.append("| layer (out × in) | " + " | ".join(f"{t} tok" for t in tokens) + " |")
-        out.append("|---|" + "---:|" * len(tokens))
-        for model, layer, out_f, in_f in layers:
-            cells = []
-            for t in tokens:
-                r = next((r for r in sel if (r["model"], r["layer"], r["tokens"]) == (model, layer, t)), None)
-                if r is None or r.get("speedup_ours") is None:
-                    cells.append("–")
-                    continue
-                torch_speedup = r.get("speedup_torch")
-                bracket = f" ({torch_speedup:.2f}×)" if torch_speedup else ""
-                cells.append(f"**{r['speedup_ours']:.2f}×**{bracket} {sm90_config_for(t, out_f, sms)}")
-            out.append(f"| {model} {layer} ({out_f}×{in_f}) | " + " | ".join(cells) + " |")
-        out.append("")
+    for dtype, _, lines in _grids(rows, "layer (out × in)", cell):
+        out += [f"{dtype}: SparseLinear time / cuBLAS time as a speedup (PyTorch's best 2:4 backend's in brackets), "
+                "the dispatch's configuration below\n", *lines, ""]
     return "\n".join(out)
 
 
