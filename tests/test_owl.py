@@ -88,3 +88,17 @@ def test_prune_model_reaches_each_layer_target(method):
     # the model: the target, short of each row's floor (< 1 weight per row)
     assert 0.6 - 1 / 64 < zeros / total <= 0.6
     assert report.options["owl"] and report.owl_seconds > 0
+
+
+def test_each_pass_brings_a_layer_to_the_working_device_and_back(monkeypatch):
+    # device= onloads one decoder layer at a time, in OWL's pass and in the pruning pass,
+    # and puts it back where it was. No second device here: the layers "live" on meta (as
+    # _first_device is told) and their .to is recorded instead of run.
+    model = tiny_model("llama")
+    _, layers = pipeline.find_decoder_layers(model)
+    moves = {i: [] for i in range(len(layers))}
+    for i, layer in enumerate(layers):
+        monkeypatch.setattr(layer, "to", lambda dev, i=i, layer=layer: moves[i].append(str(dev)) or layer)
+    monkeypatch.setattr(pipeline, "_first_device", lambda module: torch.device("meta"))
+    pipeline.prune_model(model, calib_ids(), 0.5, owl=True, device="cpu", progress=False)
+    assert all(m == ["cpu", "meta", "cpu", "meta"] for m in moves.values()), moves

@@ -26,6 +26,7 @@ its own and broadcasts them (:mod:`.distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -137,6 +138,19 @@ def _first_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _onloaded(layer: nn.Module, device: torch.device | None):
+    """``layer`` on ``device`` (None: where its parameters are) for the block, then back
+    where it was; yields the working device. Activations are the caller's to move."""
+    home = _first_device(layer)
+    work = device or home
+    if work != home:
+        layer.to(work)
+    yield work
+    if work != home:
+        layer.to(home)
 
 
 @torch.no_grad()
@@ -420,57 +434,52 @@ def prune_model(
     bar = progress_bar(layers, progress and shard.is_main, f"{method} {pattern}")
     for index, layer in enumerate(bar):
         t_layer = time.perf_counter()
-        home = _first_device(layer)
-        work = device or home
-        if work != home:
-            layer.to(work)
-        linears = linear_layers(layer)
-        stats: dict = {}
-        if chosen.collect is not None:
-            t0 = time.perf_counter()
-            with shard.step(f"calibrating decoder layer {index}"):
-                inps, kw = inps.to(work), _to(kwargs, work)
-                stats = chosen.collect(layer, linears, functools.partial(_run_layer, layer, inps, kw), backend)
+        with _onloaded(layer, device) as work:  # the activations stay on the working device for the next layer
+            linears = linear_layers(layer)
+            stats: dict = {}
+            if chosen.collect is not None:
+                t0 = time.perf_counter()
+                with shard.step(f"calibrating decoder layer {index}"):
+                    inps, kw = inps.to(work), _to(kwargs, work)
+                    stats = chosen.collect(layer, linears, functools.partial(_run_layer, layer, inps, kw), backend)
+                    _synchronize(work)
+                report.forward_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                stats = chosen.combine(stats, shard)
                 _synchronize(work)
-            report.forward_seconds += time.perf_counter() - t0
+                report.comm_seconds += time.perf_counter() - t0
+                nonfinite.append((index, torch.stack([~torch.isfinite(v).all() for v in stats.values()]).any()))
             t0 = time.perf_counter()
-            stats = chosen.combine(stats, shard)
-            _synchronize(work)
-            report.comm_seconds += time.perf_counter() - t0
-            nonfinite.append((index, torch.stack([~torch.isfinite(v).all() for v in stats.values()]).any()))
-        t0 = time.perf_counter()
-        layer_spec = replace(spec, sparsity=targets[index])
-        perms: dict[str, torch.Tensor] = {}
-        if permute:
-            with shard.step(f"permuting the inputs of decoder layer {index}"):
-                perms, stats, folded = _permute_layer(layer, linears, stats, spec, shard)
-            report.folded += [f"{layers_name}.{index}.{name}" for name in folded]
-            report.permutations.update({f"{layers_name}.{index}.{name}": p.cpu() for name, p in perms.items()})
-        owners = shard.owners([mod.weight.numel() for mod in linears.values()])
-        with shard.step(f"pruning decoder layer {index}"):
-            for (name, mod), owner in zip(linears.items(), owners):
-                if owner == shard.rank:  # each linear is pruned by one rank, then broadcast
-                    _prune_linear(chosen, _linear_weight(mod), stats.get(name), layer_spec, perms.get(name))
-            _synchronize(work)
-        report.prune_seconds += time.perf_counter() - t0
-        if shard.distributed:
-            t0 = time.perf_counter()
-            shard.broadcast_([mod.weight.data for mod in linears.values()], owners)
-            _synchronize(work)
-            report.comm_seconds += time.perf_counter() - t0
-        if chosen.collect is not None:
-            t0 = time.perf_counter()
-            with shard.step(f"running pruned decoder layer {index}"):
-                inps = _run_layer(layer, inps, kw)  # the next layer sees the pruned layer's outputs
+            layer_spec = replace(spec, sparsity=targets[index])
+            perms: dict[str, torch.Tensor] = {}
+            if permute:
+                with shard.step(f"permuting the inputs of decoder layer {index}"):
+                    perms, stats, folded = _permute_layer(layer, linears, stats, spec, shard)
+                report.folded += [f"{layers_name}.{index}.{name}" for name in folded]
+                report.permutations.update({f"{layers_name}.{index}.{name}": p.cpu() for name, p in perms.items()})
+            owners = shard.owners([mod.weight.numel() for mod in linears.values()])
+            with shard.step(f"pruning decoder layer {index}"):
+                for (name, mod), owner in zip(linears.items(), owners):
+                    if owner == shard.rank:  # each linear is pruned by one rank, then broadcast
+                        _prune_linear(chosen, _linear_weight(mod), stats.get(name), layer_spec, perms.get(name))
                 _synchronize(work)
-            report.forward_seconds += time.perf_counter() - t0
-        layer_report = LayerReport(index=index, seconds=time.perf_counter() - t_layer, sparsity={})
-        report.layers.append(layer_report)
-        for name, mod in linears.items():
-            weight = _linear_weight(mod)
-            zeros.append((layer_report, name, weight.numel(), (weight == 0).sum()))
-        if work != home:
-            layer.to(home)  # the activations stay on the working device for the next layer
+            report.prune_seconds += time.perf_counter() - t0
+            if shard.distributed:
+                t0 = time.perf_counter()
+                shard.broadcast_([mod.weight.data for mod in linears.values()], owners)
+                _synchronize(work)
+                report.comm_seconds += time.perf_counter() - t0
+            if chosen.collect is not None:
+                t0 = time.perf_counter()
+                with shard.step(f"running pruned decoder layer {index}"):
+                    inps = _run_layer(layer, inps, kw)  # the next layer sees the pruned layer's outputs
+                    _synchronize(work)
+                report.forward_seconds += time.perf_counter() - t0
+            layer_report = LayerReport(index=index, seconds=time.perf_counter() - t_layer, sparsity={})
+            report.layers.append(layer_report)
+            for name, mod in linears.items():
+                weight = _linear_weight(mod)
+                zeros.append((layer_report, name, weight.numel(), (weight == 0).sum()))
     for (layer_report, name, numel, _), count in zip(zeros, _to_host([c for *_, c in zeros])):
         layer_report.sparsity[name] = count / numel
     bad = [index for (index, _), flag in zip(nonfinite, _to_host([f for _, f in nonfinite])) if flag]
@@ -561,21 +570,16 @@ def _outlier_ratios(layers, inps, kwargs, device, backend: str, shard: Shard, m:
     """OWL's calibration pass: each dense decoder layer's share of outlier Wanda scores, layer by layer."""
     ratios = []
     for index, layer in enumerate(progress_bar(layers, progress, "OWL outlier ratios")):
-        home = _first_device(layer)
-        work = device or home
-        if work != home:
-            layer.to(work)
-        linears = linear_layers(layer)
-        with shard.step(f"OWL: measuring decoder layer {index}"):
-            inps, kw = inps.to(work), _to(kwargs, work)
-            out: list[torch.Tensor] = []  # the layer's outputs: the next layer's inputs
-            run = functools.partial(_run_into, out, layer, inps, kw)
-            norms = _combine_norms(_collect_norms(layer, linears, run, backend), shard)
-            ratios.append(owl_alloc.outlier_ratio(
-                [_linear_weight(mod).abs().float() * norms[name][None, :] for name, mod in linears.items()], m))
-            inps = out[0]
-        if work != home:
-            layer.to(home)
+        with _onloaded(layer, device) as work:
+            linears = linear_layers(layer)
+            with shard.step(f"OWL: measuring decoder layer {index}"):
+                inps, kw = inps.to(work), _to(kwargs, work)
+                out: list[torch.Tensor] = []  # the layer's outputs: the next layer's inputs
+                run = functools.partial(_run_into, out, layer, inps, kw)
+                norms = _combine_norms(_collect_norms(layer, linears, run, backend), shard)
+                ratios.append(owl_alloc.outlier_ratio(
+                    [_linear_weight(mod).abs().float() * norms[name][None, :] for name, mod in linears.items()], m))
+                inps = out[0]
     return ratios
 
 
