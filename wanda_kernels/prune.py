@@ -61,6 +61,21 @@ def check_prunable(weight, spec: PruneSpec, name: str = "weight") -> torch.Tenso
     return weight
 
 
+def score_terms(weight: torch.Tensor, norms32: torch.Tensor | None, metric: str):
+    """What ``metric`` multiplies ``|W|`` by: ``(norms, relative)`` for ``_torch_impl.score_keys``
+    and the Triton mask kernels (one rule for the masks and for whatever ranks like them).
+
+    ``weight (out, in)``, ``norms32 (in,)`` fp32 on its device. Wanda: ``(norms32, None)``;
+    magnitude: ``(None, None)``; RIA: ``(norms32 ** RIA_POWER, relative_terms(weight))``,
+    one extra pass over W for its row and column sums.
+    """
+    if metric == "magnitude":
+        return None, None  # the magnitude score ignores activations
+    if metric == "ria":
+        return norms32 ** RIA_POWER, _torch_impl.relative_terms(weight)
+    return norms32, None
+
+
 def apply_mask_(weight: torch.Tensor, norms32: torch.Tensor | None, spec: PruneSpec, *, write_weight: bool,
                 want_mask: bool) -> torch.Tensor | None:
     """Compute (and with ``write_weight`` apply) the keep-mask; no validation (the Triton path never syncs).
@@ -73,12 +88,7 @@ def apply_mask_(weight: torch.Tensor, norms32: torch.Tensor | None, spec: PruneS
     nm = spec.nm
     chosen = _implementation(spec, cols, weight.device)
     with torch.no_grad():
-        relative = None
-        if spec.metric == "magnitude":
-            norms32 = None  # the magnitude score ignores activations
-        elif spec.metric == "ria":  # one extra pass: the row and column sums of |W|
-            relative = _torch_impl.relative_terms(weight)
-            norms32 = norms32 ** RIA_POWER
+        norms32, relative = score_terms(weight, norms32, spec.metric)
         if chosen == "triton":
             from .kernels.wanda_mask import launch_wanda_mask
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import _torch_impl
-from ..prune import RIA_POWER
+from ..prune import score_terms
 
 __all__ = ["Fold", "FOLDS", "score_matrix", "kept_score", "nm_permutation", "head_permutation", "fold_"]
 
@@ -61,13 +61,9 @@ FOLDS = (
 
 
 def score_matrix(weight: torch.Tensor, norms: torch.Tensor, metric: str) -> torch.Tensor:
-    """The fp32 ``(out, in)`` scores the mask will rank: Wanda's ``|W| * norms`` or RIA's (as ``prune_`` does)."""
-    norms = norms.float().abs().contiguous()
-    if metric == "ria":
-        keys = _torch_impl.score_keys(weight, norms ** RIA_POWER, _torch_impl.relative_terms(weight))
-    else:
-        keys = _torch_impl.score_keys(weight, norms)
-    return keys.view(torch.float32)
+    """The fp32 ``(out, in)`` scores the mask will rank for ``metric``, from ``prune.score_terms`` as ``prune_``'s."""
+    return _torch_impl.score_keys(weight, *score_terms(weight, norms.float().abs().contiguous(), metric)
+                                  ).view(torch.float32)
 
 
 def kept_score(scores: torch.Tensor, n: int, m: int, perm: torch.Tensor | None = None) -> float:
