@@ -13,8 +13,17 @@ pytest.importorskip("scipy")
 
 from test_pipeline import calib_ids, tiny_model  # noqa: E402
 
+from wanda_kernels import reference  # noqa: E402
 from wanda_kernels.llm import checkpoint, pipeline  # noqa: E402
-from wanda_kernels.llm.permute import _assignment_step, fold_, kept_score, nm_permutation  # noqa: E402
+from wanda_kernels.llm.permute import (  # noqa: E402
+    _assignment_step,
+    _group,
+    _ranked,
+    _sorting_network,
+    fold_,
+    kept_score,
+    nm_permutation,
+)
 
 
 def test_hand_computed_reallocation():
@@ -49,7 +58,8 @@ def test_assignment_step_is_optimal_for_its_slot():
     scores = torch.rand(5, 12, generator=g) ** 3
     start = torch.randperm(12, generator=g)
     for slot in range(4):
-        got = kept_score(scores, 2, 4, _assignment_step(scores, start, 2, 4, slot))
+        step = _assignment_step(_group(scores, start, 2, 4), 2, slot)
+        got = kept_score(scores, 2, 4, start if step is None else step.perm)
         channels = start[slot::4].clone()
         best = 0.0
         for order in itertools.permutations(range(3)):
@@ -57,6 +67,44 @@ def test_assignment_step_is_optimal_for_its_slot():
             trial[slot::4] = channels[list(order)]
             best = max(best, kept_score(scores, 2, 4, trial))
         assert got == pytest.approx(best, rel=1e-12)
+
+
+@pytest.mark.parametrize("m", range(2, 33))
+def test_sorting_network_sorts_every_input(m):
+    # The 0/1 principle: a comparator network that sorts every 0/1 input sorts every input.
+    # Exhaustive up to M = 16; above, random inputs against torch.sort.
+    if m <= 16:
+        x = ((torch.arange(1 << m)[None, :] >> torch.arange(m)[:, None]) & 1).float()
+    else:
+        x = torch.rand(m, 4096, generator=torch.Generator().manual_seed(m))
+    got = torch.stack(_ranked(list(x.unbind(0))))
+    assert torch.equal(got, x.sort(dim=0, descending=True).values)
+    assert all(0 <= a < b < m for a, b in _sorting_network(m))
+
+
+def test_group_statistics_are_the_sorted_groups():
+    g = torch.Generator().manual_seed(5)
+    scores = torch.rand(6, 24, generator=g)
+    perm = torch.randperm(24, generator=g)
+    grouping = _group(scores, perm, 3, 8)
+    groups = scores[:, perm].reshape(6, 3, 8)
+    assert torch.equal(torch.stack(grouping.planes, dim=-1), groups)
+    assert torch.equal(torch.stack(grouping.ranked, dim=-1), groups.sort(dim=-1, descending=True).values)
+    assert grouping.kept == pytest.approx(reference.nm_kept_score(scores, 3, 8, perm), rel=1e-14)
+
+
+@pytest.mark.parametrize(("n", "m", "cols"), [(2, 4, 64), (4, 8, 64), (1, 4, 48), (3, 8, 96), (2, 6, 60), (5, 16, 64)])
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_search_equals_the_written_out_twin(n, m, cols, rounds):
+    # Tie-free scores (continuous, heavy-tailed like Wanda's): the product's search (sorting
+    # network, the N-th largest of the others from the group's order, one plane moved per
+    # step) takes the same steps as the twin's (sorts, full fp64 gain tensors).
+    g = torch.Generator().manual_seed(n * 100 + m * 10 + rounds)
+    scores = torch.rand(24, cols, generator=g) ** 4 * torch.rand(cols, generator=g)
+    got = nm_permutation(scores, n, m, rounds=rounds)
+    want = reference.nm_permutation(scores, n, m, rounds=rounds)
+    assert torch.equal(got, want)
+    assert kept_score(scores, n, m, got) == pytest.approx(reference.nm_kept_score(scores, n, m, want), rel=1e-14)
 
 
 def _layer_out(layer, x, kwargs):

@@ -13,7 +13,8 @@ Twins: :func:`keep_mask` of ``prune_mask``, :func:`prune` of ``prune_``,
 :func:`decompress_24` / :func:`decompress_24_sm90` / :func:`meta_sm80_to_sm90` of the
 2:4 format functions, :func:`compress_bitmap` / :func:`decompress_bitmap` /
 :func:`chunk_offsets` / :func:`bitmap_linear` of the bitmap format and its kernel, and
-:func:`sequential_prune` of ``prune_model`` (Wanda and magnitude). The rest is checked
+:func:`sequential_prune` of ``prune_model`` (Wanda and magnitude), :func:`nm_permutation`
+/ :func:`nm_kept_score` of the N:M permutation search (``llm.permute``). The rest is checked
 through these: ``prune_compress_24`` against ``prune`` then ``compress_24``,
 ``meta_sm90_to_sm80`` as the inverse of ``meta_sm80_to_sm90``, ``SparseLinear`` against
 ``F.linear`` on the decompressed weight, ``BitmapLinear`` against :func:`bitmap_linear`.
@@ -406,6 +407,56 @@ def bitmap_linear(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, b
     if bias is not None:
         y += bias.float()
     return y.reshape(*x.shape[:-1], bitmap.shape[0])
+
+
+# ---------------------------------------------------------------------------
+# The N:M channel permutation search (RIA's reallocation + linear sum assignment).
+
+
+def nm_kept_score(scores: torch.Tensor, n: int, m: int, perm: torch.Tensor | None = None) -> float:
+    """Twin of ``llm.permute.kept_score``: the sum (fp64) of the N largest of every M columns in ``perm``'s order."""
+    s = scores if perm is None else scores[:, perm]
+    groups = s.double().reshape(s.shape[0], -1, m)
+    return float(groups.sort(dim=-1, descending=True).values[..., :n].sum())
+
+
+def nm_permutation(scores: torch.Tensor, n: int, m: int, rounds: int = 1) -> torch.Tensor:
+    """Twin of ``llm.permute.nm_permutation``, written out (fp64, full gain tensors).
+
+    1. The identity, or RIA's reallocation if it keeps more: channels by total score,
+       weakest first, cut in M bands; position ``p`` of every group takes band ``p``
+       (reversed for odd ``p``).
+    2. For each position ``p`` (``rounds`` times): with the other positions fixed, the
+       channel moved into group ``g`` keeps ``max(0, S[i, c] - t[i, g])`` more in row
+       ``i`` than the group's fixed channels alone, ``t[i, g]`` their N-th largest; a
+       linear sum assignment maximises the sum over groups. The result replaces the
+       permutation only if :func:`nm_kept_score` grows.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = scores.shape
+    groups = cols // m
+    order = scores.double().sum(dim=0).argsort(stable=True)
+    realloc = torch.empty_like(order)
+    for p in range(m):
+        band = order[p * groups : (p + 1) * groups]
+        realloc[p::m] = band if p % 2 == 0 else band.flip(0)
+    best = torch.arange(cols)
+    if nm_kept_score(scores, n, m, realloc) > nm_kept_score(scores, n, m, best):
+        best = realloc
+    for _ in range(rounds):
+        for p in range(m):
+            s = scores[:, best].double().reshape(rows, groups, m)
+            others = torch.cat([s[:, :, :p], s[:, :, p + 1 :]], dim=2)
+            t = others.sort(dim=2, descending=True).values[:, :, n - 1]  # (rows, groups)
+            cand = s[:, :, p]  # (rows, channels at position p, by their group now)
+            gain = (cand.t()[:, None, :] - t.t()[None, :, :]).clamp_min(0).sum(dim=2)  # (channel, group)
+            channel, group = linear_sum_assignment(gain.numpy(), maximize=True)
+            trial = best.clone()
+            trial[torch.as_tensor(group) * m + p] = best[p::m][torch.as_tensor(channel)]
+            if nm_kept_score(scores, n, m, trial) > nm_kept_score(scores, n, m, best):
+                best = trial
+    return best
 
 
 # ---------------------------------------------------------------------------

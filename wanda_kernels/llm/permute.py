@@ -14,7 +14,12 @@ reallocation" + linear sum assignment):
    channels are fixed keeps, in row i, ``const + max(0, S[i, c] - t[i, g])``, with
    ``t[i, g]`` the N-th largest of the fixed ones, so the gain table is exact.
 
-Each step is kept only if it raises the total kept score.
+Each step is kept only if it raises the total kept score. The search keeps the scores
+as M planes ``(rows, groups)``, one per group position, and their order per group (a
+sorting network of elementwise max/min): one step moves one plane's columns, and the
+order gives both the kept score and every ``t`` (3.3x faster at 4:8 than ``topk`` over
+groups of 8 on a 2-core Xeon; :func:`wanda_kernels.reference.nm_permutation` writes the
+search out).
 
 The permutation must hold at inference. Where the input is the output of other linear
 layers through an elementwise function it is *folded* (exact, no runtime cost):
@@ -28,6 +33,7 @@ input share one permutation.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -66,11 +72,73 @@ def score_matrix(weight: torch.Tensor, norms: torch.Tensor, metric: str) -> torc
                                   ).view(torch.float32)
 
 
+@functools.cache
+def _sorting_network(m: int) -> tuple[tuple[int, int], ...]:
+    """Batcher's odd-even merge sort for ``m`` inputs: comparators ``(a, b)``, ``a < b``.
+
+    Built for the next power of two; the comparators that touch a position ``>= m`` are
+    dropped, which is exact: padded with -inf there, those positions never change.
+    """
+    size = 1 << max(0, m - 1).bit_length()
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(k):
+                    a, b = i + j, i + j + k
+                    if a // (2 * p) == b // (2 * p) and b < m:
+                        pairs.append((a, b))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
+
+
+def _ranked(planes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``planes`` sorted elementwise, largest first (``len(planes)`` tensors of one shape).
+
+    A sorting network of elementwise max/min: for groups of 4 or 8, 8-11x faster than
+    ``topk`` over a last dimension that short (SmolLM2's layer shapes, 2-core Xeon).
+    """
+    out = list(planes)
+    for a, b in _sorting_network(len(out)):
+        out[a], out[b] = torch.maximum(out[a], out[b]), torch.minimum(out[a], out[b])
+    return out
+
+
+@dataclass(frozen=True)
+class _Grouping:
+    """The scores under one permutation, by position in the N:M groups.
+
+    ``planes[p][i, g]``: row ``i``'s score of the channel at position ``p`` of group ``g``
+    (``m`` tensors ``(rows, groups)`` fp32); ``ranked``: the same sorted per row and group,
+    largest first; ``kept``: the sum of the N largest of every group (fp64).
+    """
+
+    perm: torch.Tensor
+    planes: list[torch.Tensor]
+    ranked: list[torch.Tensor]
+    kept: float
+
+
+def _grouping(perm: torch.Tensor, planes: list[torch.Tensor], n: int) -> _Grouping:
+    ranked = _ranked(planes)
+    kept = torch.stack([r.sum(dtype=torch.float64) for r in ranked[:n]]).sum()
+    return _Grouping(perm, planes, ranked, float(kept))
+
+
+def _group(scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> _Grouping:
+    rows, cols = scores.shape
+    planes = scores[:, perm].reshape(rows, cols // m, m).permute(2, 0, 1).contiguous()
+    return _grouping(perm, list(planes.unbind(0)), n)
+
+
 def kept_score(scores: torch.Tensor, n: int, m: int, perm: torch.Tensor | None = None) -> float:
     """The sum of the scores N:M keeps with the columns in ``perm``'s order (fp64)."""
-    s = scores if perm is None else scores[:, perm]
-    rows, cols = s.shape
-    return float(s.reshape(rows, cols // m, m).double().topk(n, dim=-1).values.sum())
+    if perm is None:
+        perm = torch.arange(scores.shape[1], device=scores.device)
+    return _group(scores, perm, n, m).kept
 
 
 def _reallocation(scores: torch.Tensor, m: int) -> torch.Tensor:
@@ -84,29 +152,49 @@ def _reallocation(scores: torch.Tensor, m: int) -> torch.Tensor:
     return perm
 
 
-def _assignment_step(scores: torch.Tensor, perm: torch.Tensor, n: int, m: int, slot: int) -> torch.Tensor:
-    from scipy.optimize import linear_sum_assignment
+def _gain_table(cand: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``gain[k, g] = sum_i max(0, cand[k, i] - t[g, i])`` ``(groups, groups)`` fp64 on the CPU.
 
-    rows, cols = scores.shape
-    groups = cols // m
-    s = scores[:, perm].reshape(rows, groups, m)
-    others = torch.cat([s[:, :, :slot], s[:, :, slot + 1 :]], dim=2)  # (rows, groups, m - 1)
-    # t[i, g]: the N-th largest of the fixed channels (N <= M - 1); the candidate only
-    # counts by how much it beats it.
-    t = others.topk(n, dim=2).values[:, :, n - 1]  # (rows, groups)
-    cand = s[:, :, slot].t().contiguous()  # (channels in this slot, rows)
-    t = t.t().contiguous()  # (groups, rows): rows last, so the sums run over contiguous memory
-    gain = torch.empty(groups, groups, dtype=torch.float64)
-    chunk = max(1, (1 << 22) // max(1, rows * groups))
+    ``cand`` and ``t`` are ``(groups, rows)``, on one device: rows last, so the sums run
+    over contiguous memory. Candidates go in chunks: on a CPU each temporary stays about
+    1 MiB, in cache (twice as fast as 16 MiB chunks on a 2-core Xeon); on a GPU chunks are
+    large, so that a table takes few launches.
+    """
+    groups, rows = t.shape
+    gain = torch.empty(groups, groups, dtype=torch.float64, device=t.device)
+    budget = 1 << 18 if t.device.type == "cpu" else 1 << 24
+    chunk = max(1, budget // max(1, rows * groups))
     for lo in range(0, groups, chunk):
         c = cand[lo : lo + chunk]
-        gain[lo : lo + chunk] = (c[:, None, :] - t[None, :, :]).clamp_min_(0).sum(dim=2).double().cpu()
-    chosen, to_group = linear_sum_assignment(gain.numpy(), maximize=True)
-    slot_channels = perm[slot::m].clone()
-    new = perm.clone()
-    new[torch.as_tensor(to_group, device=perm.device) * m + slot] = slot_channels[torch.as_tensor(chosen,
-                                                                                                  device=perm.device)]
-    return new
+        gain[lo : lo + chunk] = (c[:, None, :] - t[None, :, :]).clamp_min_(0).sum(dim=2)
+    return gain.cpu()
+
+
+def _assignment_step(grouping: _Grouping, n: int, slot: int) -> _Grouping | None:
+    """The best reassignment of the channels at position ``slot`` to the groups, the other positions fixed.
+
+    None when the best is to leave every channel where it is.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    m = len(grouping.planes)
+    here = grouping.planes[slot]  # (rows, groups)
+    # t[i, g]: the N-th largest of group g's other M - 1 scores in row i (N <= M - 1).
+    # Taking out a score at or above the group's N-th largest moves the (N+1)-th up.
+    nth = grouping.ranked[n - 1]
+    t = torch.where(here >= nth, grouping.ranked[n], nth)
+    gain = _gain_table(here.t().contiguous(), t.t().contiguous())
+    _, to_group = linear_sum_assignment(gain.numpy(), maximize=True)  # channel k -> group to_group[k]
+    to_group = torch.as_tensor(to_group, device=here.device)
+    source = torch.empty_like(to_group)
+    source[to_group] = torch.arange(to_group.numel(), device=here.device)  # group g <- channel source[g]
+    if torch.equal(source, torch.arange(source.numel(), device=source.device)):
+        return None
+    planes = list(grouping.planes)
+    planes[slot] = here[:, source]
+    perm = grouping.perm.clone()
+    perm[slot::m] = grouping.perm[slot::m][source]
+    return _grouping(perm, planes, n)
 
 
 @torch.no_grad()
@@ -124,17 +212,16 @@ def nm_permutation(scores: torch.Tensor, n: int, m: int, *, rounds: int = 1) -> 
         ``perm[k]``. The identity if nothing beats it.
     """
     cols = scores.shape[1]
-    best = torch.arange(cols, device=scores.device)
-    best_score = kept_score(scores, n, m, best)
-    candidate = _reallocation(scores, m)
-    if (s := kept_score(scores, n, m, candidate)) > best_score:
-        best, best_score = candidate, s
+    best = _group(scores, torch.arange(cols, device=scores.device), n, m)
+    candidate = _group(scores, _reallocation(scores, m), n, m)
+    if candidate.kept > best.kept:
+        best = candidate
     for _ in range(rounds):
         for slot in range(m):
-            candidate = _assignment_step(scores, best, n, m, slot)
-            if (s := kept_score(scores, n, m, candidate)) > best_score:
-                best, best_score = candidate, s
-    return best
+            candidate = _assignment_step(best, n, slot)
+            if candidate is not None and candidate.kept > best.kept:
+                best = candidate
+    return best.perm
 
 
 def head_permutation(perm_head: torch.Tensor, channels: int) -> torch.Tensor:
