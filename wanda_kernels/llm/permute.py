@@ -185,10 +185,10 @@ def _assignment_step(grouping: _Grouping, n: int, slot: int) -> _Grouping | None
     t = torch.where(here >= nth, grouping.ranked[n], nth)
     gain = _gain_table(here.t().contiguous(), t.t().contiguous())
     _, to_group = linear_sum_assignment(gain.numpy(), maximize=True)  # channel k -> group to_group[k]
-    to_group = torch.as_tensor(to_group, device=here.device)
-    source = torch.empty_like(to_group)
-    source[to_group] = torch.arange(to_group.numel(), device=here.device)  # group g <- channel source[g]
-    if torch.equal(source, torch.arange(source.numel(), device=source.device)):
+    in_place = torch.arange(len(to_group), device=here.device)
+    source = torch.empty_like(in_place)
+    source[torch.as_tensor(to_group, device=here.device)] = in_place  # group g <- channel source[g]
+    if torch.equal(source, in_place):
         return None
     planes = list(grouping.planes)
     planes[slot] = here[:, source]
