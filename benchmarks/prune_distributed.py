@@ -35,13 +35,14 @@ log = logging.getLogger("prune_distributed")
 
 
 def _pruned_digest(model) -> str:
+    from wanda_kernels._linear_like import linear_weight
     from wanda_kernels.llm import pipeline
 
     _, layers = pipeline.find_decoder_layers(model)
     digest = hashlib.sha256()
     for layer in layers:
         for _, mod in sorted(pipeline.linear_layers(layer).items()):
-            digest.update(pipeline._linear_weight(mod).detach().float().cpu().contiguous().numpy().tobytes())
+            digest.update(linear_weight(mod).detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -414,7 +414,7 @@ def test_module_refusals():
         wk.BitmapLinear(64, 32, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"in_features must be a positive int; got 0"):
         wk.BitmapLinear(0, 32)
-    with pytest.raises(TypeError, match=r"linear must be an nn\.Linear; got Conv1d"):
+    with pytest.raises(TypeError, match=r"linear must be an nn\.Linear \(or transformers' Conv1D\); got Conv1d"):
         wk.BitmapLinear.from_linear(torch.nn.Conv1d(2, 2, 1))
     with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(32,\)"):
         wk.BitmapLinear.from_dense(torch.zeros(32, 64).half(), torch.zeros(3).half())

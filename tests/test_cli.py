@@ -304,6 +304,31 @@ def test_prune_with_every_nm_switch_and_its_compressed_checkpoint(model_dir, tex
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-3), ppl
 
 
+def test_prune_compressed_of_a_gpt2_model(text_file, tmp_path):
+    # GPT-2's linear layers are transformers' Conv1D: --compressed must store them, not
+    # fail after the pruning (and with it lose the whole --output).
+    tok = transformers.AutoTokenizer.from_pretrained(_assets_or_skip())
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny-gpt2"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    proc = _cli("prune", "--model", model_dir, "--text", text_file, "--nsamples", "4", "--seqlen", "32",
+                "--pattern", "2:4", "--output", out, "--compressed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layers = json.loads((out / "compressed" / checkpoint.MANIFEST).read_text())["sparse_layers"]
+    assert sorted(layers) == sorted(f"transformer.h.{i}.{n}" for i in range(2)
+                                    for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert layers["transformer.h.0.attn.c_attn"][:2] == [64, 192]  # (in, out)
+    evals = [_cli("eval", "--model", target, "--text", text_file, "--seqlen", "32", "--eval-tokens", "256", *extra)
+             for target, extra in ((out / "compressed", ()), (out, ("--dtype", "fp16")))]
+    assert all(p.returncode == 0 for p in evals), [p.stderr[-2000:] for p in evals]
+    ppl = [float(re.search(r"perplexity (\S+) over", p.stdout).group(1)) for p in evals]
+    # The same fp16 weights; Conv1D's addmm and the fallback's F.linear may sum in other orders.
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-3), ppl
+
+
 def test_prune_with_owl(model_dir, text_file, tmp_path):
     proc = _cli("prune", "--model", model_dir, "--text", text_file, "--nsamples", "4", "--seqlen", "32",
                 "--sparsity", "0.6", "--owl", "--owl-lambda", "0.05", "--output", tmp_path / "out")

@@ -149,6 +149,38 @@ def test_compressed_bitmap_checkpoint_loads_into_bitmap_linear(tmp_path, pattern
             assert stored / (out_f * in_f * 2) == 0.5 + 4 * -(-in_f // 32) / (2 * in_f)  # 0.5625 when in % 32 == 0
 
 
+@pytest.mark.parametrize(("fmt", "pattern", "permute"), [("2:4", "2:4", False), ("2:4", "2:4", True),
+                                                    ("bitmap", "unstructured", False)])
+def test_compressed_checkpoints_of_gpt2_hold_its_conv1d_layers(tmp_path, fmt, pattern, permute):
+    # GPT-2's linear layers are transformers' Conv1D (weight stored (in, out)): they are
+    # pruned, and must be stored compressed and load back as sparse modules, not refused
+    # with "no pruned linear layer" after the pruning is done.
+    from wanda_kernels import BitmapLinear, SparseLinear
+
+    module_cls = SparseLinear if fmt == "2:4" else BitmapLinear
+    model = tiny_model("gpt2")
+    report = pipeline.prune_model(model, calib_ids(), pattern=pattern, permute=permute, progress=False)
+    assert bool(report.permutations) == permute
+    checkpoint.save_pruned(model, None, tmp_path / "dense")
+    checkpoint.save_compressed(model, None, tmp_path / "c", format=fmt, report=report, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU fallback's warning (tested above)
+        loaded, _ = checkpoint.load_compressed(tmp_path / "c")
+    sparse = {n: m for n, m in loaded.named_modules() if isinstance(m, module_cls)}
+    assert sorted(sparse) == sorted(f"transformer.h.{i}.{n}" for i in range(3)
+                                    for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert (sparse["transformer.h.0.mlp.c_fc"].in_features, sparse["transformer.h.0.mlp.c_fc"].out_features) == (64, 256)
+    assert sum(getattr(m, "perm", None) is not None for m in sparse.values()) == len(report.permutations)
+    dense16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float16).eval()
+    ids = calib_ids(n=2, seed=6)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b = loaded(ids).logits.float(), dense16(ids).logits.float()
+    # The same fp16 weights; Conv1D's addmm and the fallback's F.linear (on permuted
+    # inputs, for permuted layers) may add in different orders: fp16 rounding only.
+    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
 class _OpsOnShapes(TorchDispatchMode):
     """Every aten op that reads or returns a CPU tensor of one of ``shapes``: (op, devices of its results)."""
 

@@ -74,8 +74,8 @@ def test_bad_argument_raises_and_leaves_weight_unchanged(case, fn):
         (torch.ones(2, 4, 8), ValueError, r"got 3-D tensor of shape \(2, 4, 8\)"),
         (torch.ones(4, 8, dtype=torch.int32), TypeError, r"float16, bfloat16, float32 or float64; got torch\.int32"),
         (torch.ones(4, 8, dtype=torch.bool), TypeError, r"got torch\.bool"),
-        ([[1.0] * 8] * 4, TypeError, r"nn\.Linear or a 2-D weight tensor; got list"),
-        (nn.Conv1d(8, 4, 1), TypeError, r"got Conv1d"),
+        ([[1.0] * 8] * 4, TypeError, r"nn\.Linear or a 2-D weight tensor \(or transformers' Conv1D\); got list"),
+        (nn.Conv1d(8, 4, 1), TypeError, r"or transformers' Conv1D\); got Conv1d"),  # torch's Conv1d is not one
     ],
 )
 def test_bad_weight(weight, exc, message):

@@ -445,3 +445,29 @@ def test_bitmap_sparsify_and_compile_on_gpu():
         compiled = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(eager, expected, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)  # see test_sparse_linear_compiles_and_batches
+
+
+@pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
+def test_gpt2_conv1d_pruned_by_triton_and_sparsified_on_gpu(fmt):
+    # GPT-2's c_fc: transformers' Conv1D 768 -> 3072, weight stored (768, 3072). The Triton
+    # mask kernel prunes its (out, in) view, strides (1, 3072), in place; the sparse module
+    # built from it computes the same x @ W + b.
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    if fmt == "2:4":
+        _cutlass_ready()
+    torch.manual_seed(0)
+    conv = Conv1D(3072, 768).cuda().half()
+    norms = torch.rand(768, device="cuda") + 0.1
+    kw = dict(pattern="2:4") if fmt == "2:4" else dict(sparsity=0.5)
+    expected = wk.prune_mask(conv.weight.detach().t().contiguous(), norms, backend="torch", **kw)
+    keep = wk.prune_(conv, norms, return_mask=True, **kw)  # auto -> Triton on CUDA
+    assert torch.equal(keep, expected)
+    assert not conv.weight.detach().t()[~expected].any()  # every pruned weight is zero, in the stored (in, out)
+    model = torch.nn.Sequential(conv)
+    x = torch.randn(2, 7, 768, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        ref = conv(x)
+        assert wk.sparsify_(model, format=fmt) == ["0"]
+        y = model(x)
+    assert not isinstance(model[0], Conv1D) and not model[0].kernel().startswith("dense"), model[0].kernel()
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # fp16 sums in another order

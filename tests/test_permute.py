@@ -256,6 +256,35 @@ def test_sparsify_refuses_a_bad_permutation_before_replacing_anything():
         wk.sparsify_(model, permutations=[("1", torch.arange(8))])
 
 
+def test_sparsify_refuses_a_named_layer_not_24_in_that_order_and_changes_nothing():
+    # A layer the permutations name is one the caller expects on sparse tensor cores: one
+    # that is not 2:4 in that order (permutations of another run) is an error, not a layer
+    # silently left dense.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32).half(), torch.nn.Linear(8, 32).half())
+    for lin in model:
+        lin.weight.data[:, 1::2] = 0  # 2:4 in order: columns 0, 2 | 4, 6 kept
+    swap = torch.tensor([1, 0, 2, 3, 4, 5, 6, 7])  # still 2:4 (the groups keep their columns)
+    reverse = torch.arange(7, -1, -1)  # the same groups, reversed: still 2:4
+    spread = torch.tensor([0, 2, 4, 1, 6, 3, 5, 7])  # kept 0, 2, 4 in the first group: not 2:4
+    with pytest.raises(ValueError, match=r"^1: its weight is not 2:4 sparse with its inputs in the order of "
+                                         r"permutations\['1'\]; pass the permutations of the prune_model run"):
+        wk.sparsify_(model, permutations={"0": swap, "1": spread})
+    assert all(type(m) is torch.nn.Linear for m in model)
+    # Left out by filter_fn: not checked, not replaced.
+    assert wk.sparsify_(model, lambda m, name: name == "0", permutations={"0": swap, "1": spread}) == ["0"]
+    assert torch.equal(model[0].perm, swap) and type(model[1]) is torch.nn.Linear
+    # A layer replaced by an earlier call is left as it is.
+    assert wk.sparsify_(model, permutations={"0": swap, "1": reverse}) == ["1"]
+    assert torch.equal(model[0].perm, swap) and torch.equal(model[1].perm, reverse)
+
+
+def test_sparsify_refuses_permutations_of_a_module_that_is_not_a_linear_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32).half(), torch.nn.ReLU())
+    with pytest.raises(ValueError, match=r"permutations\['1'\] names a ReLU, not an nn\.Linear"):
+        wk.sparsify_(model, permutations={"1": torch.arange(8)})
+    assert type(model[0]) is torch.nn.Linear
+
+
 def test_permute_without_scipy_says_how_to_install_it(monkeypatch):
     import importlib.util
 

@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import wanda_kernels as wk  # noqa: E402
 from wanda_kernels import reference  # noqa: E402
+from wanda_kernels._linear_like import linear_weight  # noqa: E402
 from wanda_kernels.llm import pipeline  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -40,7 +41,7 @@ def calib_ids(n=4, seqlen=16, seed=0):
 
 def pruned_weights(model):
     _, layers = pipeline.find_decoder_layers(model)
-    return {f"{i}.{n}": pipeline._linear_weight(m) for i, layer in enumerate(layers)
+    return {f"{i}.{n}": linear_weight(m) for i, layer in enumerate(layers)
             for n, m in pipeline.linear_layers(layer).items()}
 
 

@@ -98,6 +98,22 @@ def test_nn_linear_is_pruned_in_place():
     assert (lin.weight == 0).sum(1).eq(32).all()
 
 
+@pytest.mark.parametrize("kw", [dict(sparsity=0.5), dict(pattern="2:4")])
+def test_gpt2_conv1d_is_pruned_through_its_out_in_view(kw):
+    # transformers' Conv1D stores its weight (in, out) and computes x @ W + b: its rows
+    # (the comparison groups) are the columns of the stored weight.
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    conv = Conv1D(16, 64)  # 64 inputs -> 16 outputs, weight (64, 16)
+    norms = torch.rand(64)
+    expected_w, expected_keep = reference.prune(conv.weight.detach().t(), norms, **kw)
+    assert torch.equal(wk.prune_mask(conv, norms, **kw), expected_keep)
+    keep = wk.prune_(conv, norms, return_mask=True, **kw)
+    assert keep.shape == (16, 64) and torch.equal(keep, expected_keep)
+    assert torch.equal(conv.weight.detach(), expected_w.t()) and conv.weight.shape == (64, 16)
+    assert conv.weight.requires_grad
+
+
 def test_scope_layer_prunes_one_global_fraction():
     w, norms = _inputs(40, 64, torch.float32, seed=5)
     keep = wk.prune_mask(w, norms, 0.6, scope="layer")

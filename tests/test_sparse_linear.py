@@ -191,6 +191,41 @@ def test_sparsify_refusals():
         wk.sparsify_("model")
 
 
+@pytest.mark.filterwarnings("ignore:BitmapLinear runs dense")
+@pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
+def test_sparsify_takes_conv1d_layers_and_leaves_linear_subclasses(fmt):
+    # GPT-2's layers are transformers' Conv1D (weight (in, out), y = x @ W + b); a Linear
+    # subclass such as MultiheadAttention's out_proj is read by its owner (its .weight)
+    # and must stay as it is.
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    conv = Conv1D(48, 64).half()  # 64 -> 48
+    with torch.no_grad():
+        conv.bias.normal_()
+    wk.prune_(conv.weight.data.t(), torch.rand(64) + 0.1, pattern="2:4")  # the (out, in) view, in place
+    model = nn.Sequential()
+    model.add_module("conv", conv)
+    model.add_module("attn", nn.MultiheadAttention(48, 4).half())
+    wk.prune_(model.attn.out_proj, torch.rand(48) + 0.1, pattern="2:4")
+    x = torch.randn(5, 64).half()
+    with torch.no_grad():
+        expected = conv(x)
+    assert wk.sparsify_(model, format=fmt) == ["conv"]
+    module_cls = wk.SparseLinear if fmt == "2:4" else wk.BitmapLinear
+    assert isinstance(model.conv, module_cls) and (model.conv.in_features, model.conv.out_features) == (64, 48)
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    with torch.no_grad():
+        got = model.conv(x)
+    # The same fp16 weights; Conv1D's addmm and the fallback's F.linear may sum in different
+    # orders, so fp16 rounding (a few ulps of outputs of size ~1) is all that may differ.
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)
+    assert torch.equal(module_cls.from_linear(conv).to_dense(), conv.weight.t())
+    with pytest.raises(ValueError, match=r"SparseLinear\.from_linear"):
+        wk.sparsify_(conv, format=fmt)
+    with pytest.raises(TypeError, match=r"linear must be an nn\.Linear \(or transformers' Conv1D\); got ReLU"):
+        module_cls.from_linear(nn.ReLU())
+
+
 # ---------------------------------------------------------------------------
 # Refusals of SparseLinear
 
@@ -205,7 +240,8 @@ def test_from_linear_names_first_offending_row_and_group():
 @pytest.mark.parametrize(
     ("make", "exc", "message"),
     [
-        (lambda: wk.SparseLinear.from_linear(nn.Conv1d(4, 4, 1)), TypeError, r"nn\.Linear; got Conv1d"),
+        (lambda: wk.SparseLinear.from_linear(nn.Conv1d(4, 4, 1)), TypeError,
+         r"nn\.Linear \(or transformers' Conv1D\); got Conv1d"),
         (lambda: wk.SparseLinear.from_dense(torch.zeros(32, 64)), TypeError, r"float16 or bfloat16.*model\.half\(\)"),
         (lambda: wk.SparseLinear.from_dense(torch.zeros(64).half()), ValueError, r"2-D tensor"),
         (lambda: wk.SparseLinear.from_dense(torch.zeros(32, 64).half(), torch.zeros(31).half()), ValueError, r"bias must be a tensor of shape \(32,\)"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._linear_like import is_linear_like, linear_weight
 from ._validation import BACKENDS, check_choice, check_positive_int
 from .bitmap import (
     DTYPES_BITMAP,
@@ -95,12 +96,16 @@ class BitmapLinear(nn.Module):
         return module
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None, *,
+    def from_linear(cls, linear: nn.Module, mask: torch.Tensor | None = None, *,
                     backend: str = "auto") -> BitmapLinear:
-        """From an ``nn.Linear`` (float16/bfloat16) whose pruned weights are zeros, or with its keep-mask."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear; got {type(linear).__name__}")
-        return cls.from_dense(linear.weight, linear.bias, mask, backend=backend)
+        """From an ``nn.Linear`` (float16/bfloat16) whose pruned weights are zeros, or with its keep-mask.
+
+        Also from transformers' ``Conv1D`` (GPT-2), whose weight is stored ``(in, out)``:
+        ``mask`` is then ``(out, in)``, like the module's outputs and inputs.
+        """
+        if not is_linear_like(linear):
+            raise TypeError(f"linear must be an nn.Linear (or transformers' Conv1D); got {type(linear).__name__}")
+        return cls.from_dense(linear_weight(linear), linear.bias, mask, backend=backend)
 
     # -- what runs ----------------------------------------------------------------------------
 

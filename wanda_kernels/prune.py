@@ -10,6 +10,7 @@ from torch import nn
 
 from . import _torch_impl
 from ._backend import resolve_backend
+from ._linear_like import is_conv1d, linear_weight
 from ._validation import (
     BACKENDS,
     METRICS,
@@ -134,7 +135,10 @@ def _weight_of(layer) -> torch.Tensor:
         return layer.weight
     if isinstance(layer, torch.Tensor):
         return layer
-    raise TypeError(f"layer must be an nn.Linear or a 2-D weight tensor; got {type(layer).__name__}")
+    if is_conv1d(layer):  # weight stored (in, out): prune its (out, in) view in place
+        return linear_weight(layer)
+    raise TypeError(f"layer must be an nn.Linear or a 2-D weight tensor (or transformers' Conv1D); got "
+                    f"{type(layer).__name__}")
 
 
 def _run(layer, norms, sparsity, pattern, metric, backend, scope, *, write_weight, want_mask):
@@ -162,7 +166,8 @@ def prune_(
     Args:
         layer: an ``nn.Linear`` (its ``weight`` is pruned) or a weight tensor of shape
             ``(out_features, in_features)``; float16, bfloat16, float32 (or float64);
-            CPU or CUDA; any strides.
+            CPU or CUDA; any strides. transformers' ``Conv1D`` (GPT-2), whose weight is
+            stored ``(in, out)``, is pruned through its ``(out, in)`` view: the same rows.
         norms: ``(in_features,)`` floating tensor on the weight's device: ``||X_j||_2``,
             the L2 norm of input feature j over the calibration tokens (see
             :class:`ActNormCollector`). Finite and non-negative. May be None with
@@ -210,7 +215,7 @@ def prune_mask(
 ) -> torch.Tensor:
     """The keep-mask :func:`prune_` would apply, leaving the weight untouched.
 
-    Same arguments as :func:`prune_` (``weight`` may also be an ``nn.Linear``).
+    Same arguments as :func:`prune_` (``weight`` may also be an ``nn.Linear`` or a ``Conv1D``).
     Returns bool ``(out_features, in_features)`` on the weight's device, True = kept.
     """
     return _run(weight, norms, sparsity, pattern, metric, backend, scope, write_weight=False, want_mask=True)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ._layout24 import DTYPES_24, META_FORMATS, filled_meta
+from ._linear_like import is_linear_like, linear_weight
 from ._validation import check_choice, check_permutation
 from .gemm24 import policy
 from .gemm24.op import (
@@ -167,14 +168,16 @@ class SparseLinear(nn.Module):
         return module
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, perm: torch.Tensor | None = None) -> SparseLinear:
+    def from_linear(cls, linear: nn.Module, *, perm: torch.Tensor | None = None) -> SparseLinear:
         """From an ``nn.Linear`` whose weight is already 2:4 sparse (see ``prune_(..., pattern="2:4")``).
 
+        Also from transformers' ``Conv1D`` (GPT-2), whose weight is stored ``(in, out)``:
+        the module computes the same ``x @ W + b``.
         ``perm``: as :meth:`from_dense` (the order ``prune_model(..., permute=True)`` reports).
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear; got {type(linear).__name__}")
-        return cls.from_dense(linear.weight, linear.bias, perm=perm)
+        if not is_linear_like(linear):
+            raise TypeError(f"linear must be an nn.Linear (or transformers' Conv1D); got {type(linear).__name__}")
+        return cls.from_dense(linear_weight(linear), linear.bias, perm=perm)
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``(out_features, in_features)`` weight, in the inputs' own order."""

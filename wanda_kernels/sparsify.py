@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ._layout24 import DTYPES_24
+from ._linear_like import is_linear_like, linear_features, linear_weight
 from ._progress import progress_bar
 from ._validation import check_choice, check_permutation
 from .bitmap import DTYPES_BITMAP
@@ -28,19 +29,24 @@ FORMATS = ("2:4", "bitmap")
 DEFAULT_MIN_SPARSITY = 0.25
 
 
-def _zero_fraction(linear: nn.Linear) -> float:
+def _zero_fraction(linear: nn.Module) -> float:
     weight = linear.weight.detach()
     return float((weight == 0).sum()) / weight.numel()
 
 
 def sparsify_(model: nn.Module, filter_fn=None, *, format: str = "2:4", min_sparsity: float = DEFAULT_MIN_SPARSITY,
               progress: bool = False, permutations: dict | None = None) -> list[str]:
-    """Replace, in place, the pruned ``nn.Linear`` layers of ``model`` by sparse modules.
+    """Replace, in place, the pruned linear layers of ``model`` by sparse modules.
+
+    The linear layers: ``nn.Linear`` (the class itself: subclasses such as
+    ``nn.MultiheadAttention``'s ``out_proj``, whose weight their owner reads, are left
+    alone) and transformers' ``Conv1D`` (GPT-2; its weight is stored ``(in, out)``, and
+    the sparse module computes the same ``x @ W + b``).
 
     Args:
         model: the module to modify.
         filter_fn: optional ``(module, fqn) -> bool`` (torchao's order): only the
-            ``nn.Linear`` modules for which it returns True are considered; ``fqn`` is the
+            linear layers for which it returns True are considered; ``fqn`` is the
             name in ``model.named_modules()``.
         format: ``"2:4"``: every layer whose weight is 2:4 sparse becomes a
             ``SparseLinear``. ``"bitmap"``: every layer with at least ``min_sparsity`` of
@@ -52,15 +58,18 @@ def sparsify_(model: nn.Module, filter_fn=None, *, format: str = "2:4", min_spar
         permutations: ``{name: (in,) int64}`` for ``"2:4"``: layers whose weight is 2:4 with
             its inputs in that order (``PruneReport.permutations`` of
             ``prune_model(..., permute=True)``); they become ``SparseLinear`` with that
-            ``perm``. The bitmap format stores any mask and ignores them.
+            ``perm`` (unless ``filter_fn`` leaves them out; a layer already replaced by an
+            earlier call is left as it is). The bitmap format stores any mask and ignores them.
 
     Returns:
         The names (as in ``model.named_modules()``) of the replaced layers.
 
     Raises:
         TypeError: a layer to replace is float32/float64 (convert the model to fp16/bf16 first).
-        ValueError: ``model`` is itself an ``nn.Linear`` (use ``SparseLinear.from_linear``
-            or ``BitmapLinear.from_linear``), or a bad ``format`` or ``min_sparsity``.
+        ValueError: ``model`` is itself a linear layer (use ``SparseLinear.from_linear``
+            or ``BitmapLinear.from_linear``), a bad ``format`` or ``min_sparsity``, or a
+            layer named in ``permutations`` that is not in the model, not a linear layer,
+            or not 2:4 sparse in that input order (nothing is replaced then).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
@@ -68,20 +77,19 @@ def sparsify_(model: nn.Module, filter_fn=None, *, format: str = "2:4", min_spar
     if format == "bitmap" and (isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float))
                                or not 0 < min_sparsity <= 1):
         raise ValueError(f"min_sparsity must be a number in (0, 1]; got {min_sparsity!r}")
-    if isinstance(model, nn.Linear):
+    if is_linear_like(model):
         raise ValueError("sparsify_ replaces submodules; for a single layer use SparseLinear.from_linear(linear) "
                          "or BitmapLinear.from_linear(linear)")
     if permutations is not None and not isinstance(permutations, dict):
         raise TypeError(f"permutations must be a dict of layer name -> permutation; got {type(permutations).__name__}")
     perms = dict(permutations or {}) if format == "2:4" else {}
     if format == "2:4":
-        def chosen(m, name):
-            weight = m.weight.detach()
-            return is_24_sparse(weight if name not in perms else weight[:, perms[name].to(weight.device)])
+        def chosen(m):
+            return is_24_sparse(linear_weight(m))
 
         module_cls, dtypes, what = SparseLinear, DTYPES_24, "2:4 sparse"
     else:
-        def chosen(m, name):
+        def chosen(m):
             return _zero_fraction(m) >= min_sparsity
 
         module_cls, dtypes, what = BitmapLinear, DTYPES_BITMAP, f"at least {min_sparsity:g} sparse"
@@ -89,13 +97,27 @@ def sparsify_(model: nn.Module, filter_fn=None, *, format: str = "2:4", min_spar
     unknown = sorted(set(perms) - set(modules))
     if unknown:
         raise ValueError(f"permutations name layers that are not in the model: {', '.join(unknown[:3])}")
-    for name, perm in perms.items():
-        check_permutation(perm, getattr(modules[name], "in_features", -1), name=f"permutations[{name!r}]")
+    for name, perm in list(perms.items()):
+        module = modules[name]
+        if isinstance(module, SparseLinear):  # replaced by an earlier call: left as it is
+            del perms[name]
+        elif not is_linear_like(module, exact=True):
+            raise ValueError(f"permutations[{name!r}] names a {type(module).__name__}, not an nn.Linear")
+        else:
+            perms[name] = check_permutation(perm, linear_features(module)[0], name=f"permutations[{name!r}]")
     targets = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear or not chosen(module, name):
+        if not is_linear_like(module, exact=True):
             continue
         if filter_fn is not None and not filter_fn(module, name):
+            continue
+        if name in perms:
+            weight = linear_weight(module)
+            if not is_24_sparse(weight[:, perms[name].to(weight.device)]):
+                raise ValueError(f"{name}: its weight is not 2:4 sparse with its inputs in the order of "
+                                 f"permutations[{name!r}]; pass the permutations of the prune_model run that pruned "
+                                 "this model (PruneReport.permutations, or checkpoint.load_permutations(folder))")
+        elif not chosen(module):
             continue
         if module.weight.dtype not in dtypes:
             raise TypeError(f"{name} is {what} but {module.weight.dtype}; {module_cls.__name__} stores float16 or "

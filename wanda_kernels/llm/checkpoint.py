@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .._linear_like import linear_features
 from ..bitmap_linear import BitmapLinear
 from ..sparse_linear import SparseLinear
 from ..sparsify import announce_fallback, sparsify_
@@ -118,7 +119,7 @@ def save_compressed(model, tokenizer, out_dir, *, format: str = "2:4", dtype: to
     """The compressed checkpoint of ``model``: its pruned linear layers as SparseLinear (2:4) or BitmapLinear.
 
     Args:
-        model: a model whose pruned ``nn.Linear`` layers are to be stored compressed;
+        model: a model whose pruned linear layers (``nn.Linear``, GPT-2's ``Conv1D``) are to be stored compressed;
             it is not modified (a CPU copy in ``dtype`` is compressed).
         format: ``"2:4"`` (the 2:4 layers, for sparse tensor cores) or ``"bitmap"`` (every
             layer with at least 25% zeros: unstructured or any N:M pattern).
@@ -286,9 +287,11 @@ def load_compressed(path, *, device="cpu", verify: bool = True):
             old = model.get_submodule(name)
         except AttributeError as exc:
             raise ValueError(f"{path}: sparse layer {name!r} of the manifest is not in the model's config") from exc
-        if (getattr(old, "in_features", None), getattr(old, "out_features", None)) != (in_f, out_f):
-            raise ValueError(f"{path}: sparse layer {name!r} is {in_f}->{out_f} in the manifest but "
-                             f"{getattr(old, 'in_features', '?')}->{getattr(old, 'out_features', '?')} in the config")
+        features = linear_features(old)  # nn.Linear, or Conv1D (GPT-2)
+        if features != (in_f, out_f):
+            shown = "{}->{}".format(*features) if features else f"a {type(old).__name__}, not a linear layer,"
+            raise ValueError(f"{path}: sparse layer {name!r} is {in_f}->{out_f} in the manifest but {shown} in "
+                             "the config")
         parent, _, child = name.rpartition(".")
         # BitmapLinear takes the sizes of its values from the file (they depend on the weight).
         extra = {"permuted": True} if permuted and permuted[0] else {}  # a SparseLinear with an input permutation

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from .._linear_like import is_linear_like, linear_weight
 from .._progress import progress_bar
 from .._validation import check_choice, check_positive_int
 from ..norms import ActNormCollector
@@ -97,18 +98,9 @@ class _StopForward(Exception):
     pass
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2): weight (in, out), y = x @ W + b.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
-def _linear_weight(module: nn.Module) -> torch.Tensor:
-    """The ``(out, in)`` weight of a linear-like module (a transposed view for Conv1D)."""
-    return module.weight.data.t() if _is_conv1d(module) else module.weight.data
-
-
 def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
+    """The linear layers (``nn.Linear``, ``Conv1D``) of ``block``, by their names in it."""
+    return {n: m for n, m in block.named_modules() if is_linear_like(m)}
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -421,7 +413,7 @@ def prune_model(
     if owl:
         t0 = time.perf_counter()
         ratios = _outlier_ratios(layers, inps, kwargs, device, backend, shard, owl_m, progress and shard.is_main)
-        sizes = [sum(_linear_weight(m).numel() for m in linear_layers(layer).values()) for layer in layers]
+        sizes = [sum(linear_weight(m).numel() for m in linear_layers(layer).values()) for layer in layers]
         targets = owl_alloc.layer_sparsities(ratios, spec.sparsity, owl_lambda, sizes)
         report.layer_targets = targets
         report.owl_seconds = time.perf_counter() - t0
@@ -461,7 +453,7 @@ def prune_model(
             with shard.step(f"pruning decoder layer {index}"):
                 for (name, mod), owner in zip(linears.items(), owners):
                     if owner == shard.rank:  # each linear is pruned by one rank, then broadcast
-                        _prune_linear(chosen, _linear_weight(mod), stats.get(name), layer_spec, perms.get(name))
+                        _prune_linear(chosen, linear_weight(mod), stats.get(name), layer_spec, perms.get(name))
                 _synchronize(work)
             report.prune_seconds += time.perf_counter() - t0
             if shard.distributed:
@@ -478,7 +470,7 @@ def prune_model(
             layer_report = LayerReport(index=index, seconds=time.perf_counter() - t_layer, sparsity={})
             report.layers.append(layer_report)
             for name, mod in linears.items():
-                weight = _linear_weight(mod)
+                weight = linear_weight(mod)
                 zeros.append((layer_report, name, weight.numel(), (weight == 0).sum()))
     for (layer_report, name, numel, _), count in zip(zeros, _to_host([c for *_, c in zeros])):
         layer_report.sparsity[name] = count / numel
@@ -519,7 +511,7 @@ def _permute_layer(layer: nn.Module, linears: dict[str, nn.Module], stats: dict,
     norms = {name: _input_norms(stats[name]) for name in linears}
 
     def scores(names):
-        return torch.cat([score_matrix(_linear_weight(linears[k]), norms[k], spec.metric) for k in names])
+        return torch.cat([score_matrix(linear_weight(linears[k]), norms[k], spec.metric) for k in names])
 
     folds = []  # (consumer name, producers, head_dim or None, perm)
     for rule in FOLDS:
@@ -578,7 +570,7 @@ def _outlier_ratios(layers, inps, kwargs, device, backend: str, shard: Shard, m:
                 run = functools.partial(_run_into, out, layer, inps, kw)
                 norms = _combine_norms(_collect_norms(layer, linears, run, backend), shard)
                 ratios.append(owl_alloc.outlier_ratio(
-                    [_linear_weight(mod).abs().float() * norms[name][None, :] for name, mod in linears.items()], m))
+                    [linear_weight(mod).abs().float() * norms[name][None, :] for name, mod in linears.items()], m))
                 inps = out[0]
     return ratios
 
@@ -594,7 +586,7 @@ def _check_weights(layers_name: str, layers: nn.ModuleList, spec: PruneSpec) -> 
     names, finite = [], []
     for index, layer in enumerate(layers):
         for name, mod in linear_layers(layer).items():
-            weight = _linear_weight(mod)
+            weight = linear_weight(mod)
             names.append(f"{layers_name}.{index}.{name}.weight")
             check_prunable(weight, spec, name=names[-1])
             finite.append(torch.isfinite(weight).all())
