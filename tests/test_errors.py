@@ -148,7 +148,10 @@ def test_accumulate_sq_norms_bad_input(make, exc, message):
 def test_collector_bad_input():
     with pytest.raises(TypeError, match=r"model must be an nn\.Module; got str"):
         wk.ActNormCollector("model")
-    with pytest.raises(ValueError, match=r"no module of type \['Linear'\].*include=\['nothing\*'\]"):
+    with pytest.raises(ValueError, match=r"no linear layer \(nn\.Linear, Conv1D\) in the model matches "
+                                         r"include=\['nothing\*'\]"):
         wk.ActNormCollector(nn.Sequential(nn.Linear(2, 2)), include=["nothing*"])
+    with pytest.raises(ValueError, match=r"no module of type \['Conv1d'\] in the model matches include=None"):
+        wk.ActNormCollector(nn.Sequential(nn.Linear(2, 2)), module_types=(nn.Conv1d,))
     with pytest.raises(ValueError, match=r"backend must be one of"):
         wk.ActNormCollector(nn.Linear(2, 2), backend="fast")

@@ -150,6 +150,32 @@ def test_collector_then_prune_end_to_end():
         assert torch.equal(lin.weight.detach(), expected)
 
 
+def test_collector_hooks_gpt2_conv1d_layers_and_the_docstring_recipe_prunes_them():
+    # GPT-2's linear layers are transformers' Conv1D (weight (in, out)): hooked by
+    # default like nn.Linear, and prune_ takes them (through their (out, in) view).
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    block = nn.Sequential(Conv1D(48, 16), nn.ReLU(), nn.Linear(48, 16))
+    x = torch.randn(3, 5, 16)
+    with wk.ActNormCollector(block) as col:
+        block(x)
+    assert col.module_names == ["0", "2"]
+    with torch.no_grad():
+        seen = {"0": x, "2": torch.relu(block[0](x))}
+    for name, inputs in seen.items():
+        ref = reference.accumulate_sq_norms(torch.zeros(inputs.shape[-1], dtype=torch.float64), inputs)
+        torch.testing.assert_close(col.norms()[name].double(), ref.sqrt(), rtol=1e-6, atol=0)
+    for name, norms in col.norms().items():
+        layer = block.get_submodule(name)
+        out_in = layer.weight.detach().t() if name == "0" else layer.weight.detach()
+        expected, _ = reference.prune(out_in.clone(), norms, 0.5)
+        wk.prune_(layer, norms, 0.5)
+        assert torch.equal(out_in, expected), name
+    with wk.ActNormCollector(block, module_types=(nn.Linear,)) as col:  # the classes given, only
+        block(x)
+    assert col.module_names == ["2"]
+
+
 def test_import_needs_no_triton_and_no_gpu():
     # `import wanda_kernels` must not import Triton or initialise CUDA.
     code = ("import sys, torch, wanda_kernels; "

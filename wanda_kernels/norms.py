@@ -11,6 +11,7 @@ from torch import nn
 
 from . import _torch_impl
 from ._backend import resolve_backend
+from ._linear_like import is_linear_like
 from ._validation import BACKENDS, check_choice
 
 logger = logging.getLogger("wanda_kernels")
@@ -96,8 +97,9 @@ class ActNormCollector:
         model: any ``nn.Module``.
         include: which modules to hook: None (every module of ``module_types``), glob
             patterns on module names (``"*.mlp.*"``) or a predicate ``(name, module) -> bool``.
-        module_types: module classes to hook; default ``(nn.Linear,)``. Each module's
-            input must be ``(..., in_features)`` with features last.
+        module_types: module classes to hook; default None: the linear layers,
+            ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2). Each module's input must
+            be ``(..., in_features)`` with features last.
         backend: passed to :func:`accumulate_sq_norms_`.
         per_call: keep each forward call's sums as a row of its own (fp32, summed from
             zero), in :meth:`call_sq_norms`; :meth:`sq_norms` then sums the rows in fp64.
@@ -110,7 +112,7 @@ class ActNormCollector:
         model: nn.Module,
         *,
         include: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
-        module_types: tuple[type, ...] = (nn.Linear,),
+        module_types: tuple[type, ...] | None = None,
         backend: str = "auto",
         per_call: bool = False,
     ):
@@ -120,11 +122,15 @@ class ActNormCollector:
         self.model = model
         self.backend = backend
         self.per_call = bool(per_call)
+        if module_types is None:
+            hooked, what = is_linear_like, "no linear layer (nn.Linear, Conv1D)"
+        else:
+            hooked = lambda m: isinstance(m, module_types)
+            what = f"no module of type {[t.__name__ for t in module_types]}"
         self._modules = {name: mod for name, mod in model.named_modules()
-                         if isinstance(mod, module_types) and _included(include, name, mod)}
+                         if hooked(mod) and _included(include, name, mod)}
         if not self._modules:
-            raise ValueError(f"no module of type {[t.__name__ for t in module_types]} in the model matches "
-                             f"include={include!r}")
+            raise ValueError(f"{what} in the model matches include={include!r}")
         self._sq: dict[str, torch.Tensor] = {}
         self._calls: dict[str, list[torch.Tensor]] = {}
         self._tokens: dict[str, int] = {}

@@ -187,9 +187,7 @@ def _layer_out(out):
 def _collect_norms(layer: nn.Module, linears: dict[str, nn.Module], run: Callable[[], None], backend: str) -> dict:
     """Wanda: ``{name: (calls, in_features) fp32}``, each forward call's ``sum_t x[t, j]**2``."""
     names = set(linears)
-    types = tuple({type(m) for m in linears.values()})
-    with ActNormCollector(layer, include=lambda n, m: n in names, module_types=types, backend=backend,
-                          per_call=True) as col:
+    with ActNormCollector(layer, include=lambda n, m: n in names, backend=backend, per_call=True) as col:
         run()
     rows = col.call_sq_norms()
     missing = names - set(rows)
