@@ -1,7 +1,7 @@
 """Which modules are linear layers, and their ``(out, in)`` weight.
 
 Two kinds: ``nn.Linear`` (weight ``(out, in)``, ``y = x W^T + b``) and transformers'
-``Conv1D`` (GPT-2, GPT-J's predecessors: weight stored ``(in, out)``, ``y = x W + b``),
+``Conv1D`` (GPT-2 and the original OpenAI GPT: weight stored ``(in, out)``, ``y = x W + b``),
 recognised by its class name and its ``nf`` attribute so that transformers need not be
 imported. Everything that prunes or compresses a layer works on the ``(out, in)`` view.
 """
