@@ -329,6 +329,30 @@ def test_prune_compressed_of_a_gpt2_model(text_file, tmp_path):
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-3), ppl
 
 
+def test_prune_compressed_of_a_falcon_model(text_file, tmp_path):
+    # Falcon's linear layers are FalconLinear, an nn.Linear subclass with its own forward
+    # (x @ W.T + b): prune --compressed used to prune them, then fail (losing the output)
+    # because the compressed formats took nn.Linear itself only.
+    tok = transformers.AutoTokenizer.from_pretrained(_assets_or_skip())
+    cfg = transformers.FalconConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny-falcon"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    proc = _cli("prune", "--model", model_dir, "--text", text_file, "--nsamples", "4", "--seqlen", "32",
+                "--pattern", "2:4", "--permute", "--output", out, "--compressed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layers = json.loads((out / "compressed" / checkpoint.MANIFEST).read_text())["sparse_layers"]
+    assert sorted(layers) == sorted(f"transformer.h.{i}.{n}" for i in range(2) for n in (
+        "self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))
+    evals = [_cli("eval", "--model", target, "--text", text_file, "--seqlen", "32", "--eval-tokens", "256", *extra)
+             for target, extra in ((out / "compressed", ()), (out, ("--dtype", "fp16")))]
+    assert all(p.returncode == 0 for p in evals), [p.stderr[-2000:] for p in evals]
+    ppl = [float(re.search(r"perplexity (\S+) over", p.stdout).group(1)) for p in evals]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-3), ppl
+
+
 def test_prune_with_owl(model_dir, text_file, tmp_path):
     proc = _cli("prune", "--model", model_dir, "--text", text_file, "--nsamples", "4", "--seqlen", "32",
                 "--sparsity", "0.6", "--owl", "--owl-lambda", "0.05", "--output", tmp_path / "out")

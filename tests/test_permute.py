@@ -280,7 +280,7 @@ def test_sparsify_refuses_a_named_layer_not_24_in_that_order_and_changes_nothing
 
 def test_sparsify_refuses_permutations_of_a_module_that_is_not_a_linear_layer():
     model = torch.nn.Sequential(torch.nn.Linear(8, 32).half(), torch.nn.ReLU())
-    with pytest.raises(ValueError, match=r"permutations\['1'\] names a ReLU, not an nn\.Linear"):
+    with pytest.raises(ValueError, match=r"permutations\['1'\] names a ReLU, not a linear layer"):
         wk.sparsify_(model, permutations={"1": torch.arange(8)})
     assert type(model[0]) is torch.nn.Linear
 

@@ -226,6 +226,75 @@ def test_sparsify_takes_conv1d_layers_and_leaves_linear_subclasses(fmt):
         module_cls.from_linear(nn.ReLU())
 
 
+class _XWt(nn.Linear):
+    """Falcon's FalconLinear: its own forward, the same x @ W^T + b."""
+
+    def forward(self, x):
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+class _Router(nn.Linear):
+    """Llama 4's / PhiMoE's router: an nn.Linear that returns routing decisions."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight).topk(2, dim=-1)
+
+
+class _Scaled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _Marker(nn.Linear):
+    """A subclass that keeps nn.Linear's forward (like MultiheadAttention's out_proj class)."""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_computes_linear_tells_linear_subclasses_apart(dtype):
+    from wanda_kernels._linear_like import computes_linear
+
+    transformers_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    for cls, expected in ((nn.Linear, True), (_Marker, True), (_XWt, True), (_Router, False), (_Scaled, False)):
+        for bias in (True, False):
+            assert computes_linear(cls(64, 16, bias=bias).to(dtype)) is expected, (cls.__name__, bias)
+    assert computes_linear(transformers_utils.Conv1D(16, 64))
+    assert not computes_linear(nn.ReLU()) and not computes_linear(nn.Conv1d(4, 4, 1))
+    assert not computes_linear(_XWt(64, 16, device="meta"))  # cannot be run: not replaced
+    hooked = _XWt(64, 16)
+    calls = []
+    hooked.register_forward_pre_hook(lambda *args: calls.append(args))
+    assert computes_linear(hooked) and not calls  # the probe runs no hooks
+
+
+@pytest.mark.filterwarnings("ignore:BitmapLinear runs dense")
+@pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
+def test_sparsify_takes_linear_subclasses_that_compute_a_linear_map(fmt):
+    # Falcon's layers are FalconLinear (x @ W.T + b): prune_model prunes them, so sparsify_
+    # must store them (it used to leave every subclass dense, and `prune --compressed` on a
+    # Falcon model failed after the pruning). Subclasses computing anything else stay.
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    for name, cls in (("xwt", _XWt), ("marker", _Marker), ("router", _Router), ("scaled", _Scaled)):
+        layer = cls(64, 32).half()
+        wk.prune_(layer, torch.rand(64) + 0.1, pattern="2:4")
+        model.add_module(name, layer)
+    x = torch.randn(5, 64).half()
+    with torch.no_grad():
+        expected = {name: model.get_submodule(name)(x) for name in ("xwt", "marker")}
+    perms = {"router": torch.arange(64)} if fmt == "2:4" else None  # a router's order is unused, not an error
+    assert wk.sparsify_(model, format=fmt, permutations=perms) == ["xwt", "marker"]
+    module_cls = wk.SparseLinear if fmt == "2:4" else wk.BitmapLinear
+    assert type(model.router) is _Router and type(model.scaled) is _Scaled
+    for name, want in expected.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, module_cls)
+        with torch.no_grad():
+            # the same fp16 weights, summed in another order: a few fp16 ulps of outputs ~1
+            torch.testing.assert_close(layer(x), want, rtol=2e-3, atol=2e-3)
+
+
 # ---------------------------------------------------------------------------
 # Refusals of SparseLinear
 

@@ -4,14 +4,21 @@ Two kinds: ``nn.Linear`` (weight ``(out, in)``, ``y = x W^T + b``) and transform
 ``Conv1D`` (GPT-2 and the original OpenAI GPT: weight stored ``(in, out)``, ``y = x W + b``),
 recognised by its class name and its ``nf`` attribute so that transformers need not be
 imported. Everything that prunes or compresses a layer works on the ``(out, in)`` view.
+
+An ``nn.Linear`` subclass may compute something else with its weight: Llama 4's and
+PhiMoE's routers return routing decisions, quantized layers dequantize first.
+:func:`computes_linear` tells the layers that a sparse module can stand in for.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["is_conv1d", "is_linear_like", "linear_weight", "linear_features"]
+__all__ = ["is_conv1d", "is_linear_like", "computes_linear", "linear_weight", "linear_features"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -24,6 +31,55 @@ def is_linear_like(module: nn.Module, *, exact: bool = False) -> bool:
     """An ``nn.Linear`` (``exact``: that class itself, not a subclass) or a ``Conv1D``."""
     linear = type(module) is nn.Linear if exact else isinstance(module, nn.Linear)
     return linear or is_conv1d(module)
+
+
+# Subclass instances already probed: module -> whether its forward is F.linear (the answer
+# depends on the class and the module's own attributes, which pruning does not change).
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def computes_linear(module: nn.Module) -> bool:
+    """Whether ``module(x)`` is ``x W^T + b`` of its weight, so a sparse module computes the same.
+
+    True for ``nn.Linear``, ``Conv1D`` and ``nn.Linear`` subclasses that keep its
+    ``forward`` (``nn.MultiheadAttention``'s ``out_proj``: whether its owner calls it is
+    the caller's question). A subclass with its own ``forward`` (Falcon's ``FalconLinear``:
+    ``x @ W.T + b``) is run once on a small input, without its hooks, and compared with
+    ``F.linear``; one that returns anything else (a router's top-k, a quantized layer's
+    output, an error) is not a linear layer. A weight on the meta device cannot be run: False.
+    """
+    if is_conv1d(module) or type(module) is nn.Linear:
+        return True
+    if not isinstance(module, nn.Linear):
+        return False
+    if type(module).forward is nn.Linear.forward:
+        return True
+    known = _PROBED.get(module)
+    if known is None:
+        known = _PROBED[module] = _forward_is_f_linear(module)
+    return known
+
+
+@torch.no_grad()
+def _forward_is_f_linear(module: nn.Linear) -> bool:
+    weight, bias = module.weight, module.bias
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.is_meta \
+            or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, weight.shape[1], generator=generator).to(device=weight.device, dtype=weight.dtype)
+    try:
+        out = type(module).forward(module, x)  # the class's forward, not __call__: no hooks run
+    except Exception:  # noqa: BLE001 - a forward that needs more than (x) is not a linear layer's
+        return False
+    if not isinstance(out, torch.Tensor) or out.shape != (3, weight.shape[0]):
+        return False
+    ref = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    # The same products summed in another order: within a few units of the dtype's
+    # rounding of the largest output (0.02 for fp16/bf16 is ~10 of bf16's units); any
+    # other computation (scaled, clamped, renormalised, transposed) is off by far more.
+    tol = 2e-2 if weight.element_size() == 2 else 1e-4
+    return bool((out.float() - ref).abs().max() <= tol * ref.abs().max() + 1e-6)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

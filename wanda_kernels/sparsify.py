@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ._layout24 import DTYPES_24
-from ._linear_like import is_linear_like, linear_features, linear_weight
+from ._linear_like import computes_linear, is_linear_like, linear_features, linear_weight
 from ._progress import progress_bar
 from ._validation import check_choice, check_permutation
 from .bitmap import DTYPES_BITMAP
@@ -34,14 +34,21 @@ def _zero_fraction(linear: nn.Module) -> float:
     return float((weight == 0).sum()) / weight.numel()
 
 
+def _replaceable(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> bool:
+    """A linear layer that a sparse module computes the same as, and that its owner calls."""
+    return computes_linear(module) and not isinstance(modules.get(name.rpartition(".")[0]), nn.MultiheadAttention)
+
+
 def sparsify_(model: nn.Module, filter_fn=None, *, format: str = "2:4", min_sparsity: float = DEFAULT_MIN_SPARSITY,
               progress: bool = False, permutations: dict | None = None) -> list[str]:
     """Replace, in place, the pruned linear layers of ``model`` by sparse modules.
 
-    The linear layers: ``nn.Linear`` (the class itself: subclasses such as
-    ``nn.MultiheadAttention``'s ``out_proj``, whose weight their owner reads, are left
-    alone) and transformers' ``Conv1D`` (GPT-2; its weight is stored ``(in, out)``, and
-    the sparse module computes the same ``x @ W + b``).
+    The linear layers: ``nn.Linear``, its subclasses whose forward computes the same
+    ``x W^T + b`` (Falcon's ``FalconLinear``; see :func:`computes_linear`; routers and
+    quantized layers that subclass it are left alone), and transformers' ``Conv1D``
+    (GPT-2; its weight is stored ``(in, out)``, and the sparse module computes the same
+    ``x @ W + b``). The ``out_proj`` of an ``nn.MultiheadAttention``, which reads its
+    weight without calling it, is left alone too.
 
     Args:
         model: the module to modify.
@@ -59,7 +66,8 @@ def sparsify_(model: nn.Module, filter_fn=None, *, format: str = "2:4", min_spar
             its inputs in that order (``PruneReport.permutations`` of
             ``prune_model(..., permute=True)``); they become ``SparseLinear`` with that
             ``perm`` (unless ``filter_fn`` leaves them out; a layer already replaced by an
-            earlier call is left as it is). The bitmap format stores any mask and ignores them.
+            earlier call, or one of the layers left alone, is left as it is). The bitmap
+            format stores any mask and ignores them.
 
     Returns:
         The names (as in ``model.named_modules()``) of the replaced layers.
@@ -101,13 +109,15 @@ def sparsify_(model: nn.Module, filter_fn=None, *, format: str = "2:4", min_spar
         module = modules[name]
         if isinstance(module, SparseLinear):  # replaced by an earlier call: left as it is
             del perms[name]
-        elif not is_linear_like(module, exact=True):
-            raise ValueError(f"permutations[{name!r}] names a {type(module).__name__}, not an nn.Linear")
+        elif not is_linear_like(module):
+            raise ValueError(f"permutations[{name!r}] names a {type(module).__name__}, not a linear layer")
+        elif not _replaceable(name, module, modules):  # pruned in place, but stays dense: its order is unused
+            del perms[name]
         else:
             perms[name] = check_permutation(perm, linear_features(module)[0], name=f"permutations[{name!r}]")
     targets = []
     for name, module in model.named_modules():
-        if not is_linear_like(module, exact=True):
+        if not _replaceable(name, module, modules):
             continue
         if filter_fn is not None and not filter_fn(module, name):
             continue

@@ -11,7 +11,8 @@ The decoder layers are found as the model's largest ``nn.ModuleList`` of identic
 blocks that hold linear layers, and their keyword arguments (attention mask, position
 ids, ``position_embeddings``...) are whatever the model passed to its first layer:
 no model-name checks. Only linear layers inside decoder layers are pruned
-(``nn.Linear``, and GPT-2's ``Conv1D``, whose transposed weight is pruned as a view).
+(``nn.Linear`` and its subclasses that compute the same, such as Falcon's, not routers;
+and GPT-2's ``Conv1D``, whose transposed weight is pruned as a view).
 
 Each method is one entry of :data:`METHODS`: what it collects while a layer runs, how
 the collected statistics of all calibration samples are combined, and how it prunes one
@@ -38,7 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from .._linear_like import is_linear_like, linear_weight
+from .._linear_like import computes_linear, linear_weight
 from .._progress import progress_bar
 from .._validation import check_choice, check_positive_int
 from ..norms import ActNormCollector
@@ -99,8 +100,9 @@ class _StopForward(Exception):
 
 
 def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
-    """The linear layers (``nn.Linear``, ``Conv1D``) of ``block``, by their names in it."""
-    return {n: m for n, m in block.named_modules() if is_linear_like(m)}
+    """The linear layers of ``block``, by their names in it: ``nn.Linear`` (and subclasses
+    that compute the same, such as Falcon's; not routers that subclass it), ``Conv1D``."""
+    return {n: m for n, m in block.named_modules() if computes_linear(m)}
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
