@@ -26,7 +26,9 @@ def smollm2_layers(keep: int):
 
 
 def make_model(spec: str):
-    return tiny_model("llama") if spec == "tiny" else smollm2_layers(int(spec.split(":")[1]))
+    if spec in ("tiny", "mixtral"):
+        return tiny_model("llama" if spec == "tiny" else spec)
+    return smollm2_layers(int(spec.split(":")[1]))
 
 
 def prune_configs(model_spec: str, calib: torch.Tensor, configs, device=None) -> dict:

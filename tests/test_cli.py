@@ -353,6 +353,40 @@ def test_prune_compressed_of_a_falcon_model(text_file, tmp_path):
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-3), ppl
 
 
+def test_prune_compressed_of_a_mixture_of_experts_model(text_file, tmp_path):
+    # Mixtral's experts are 3-D weights, not linear layers: pruned expert by expert, said
+    # so on stdout, and stored dense (as pruned) next to the 2:4 attention layers.
+    from safetensors.torch import load_file
+
+    tok = transformers.AutoTokenizer.from_pretrained(_assets_or_skip())
+    cfg = transformers.MixtralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny-mixtral"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    proc = _cli("prune", "--model", model_dir, "--text", text_file, "--nsamples", "4", "--seqlen", "32",
+                "--pattern", "2:4", "--output", out, "--compressed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "16 of the pruned layers are experts' projections in fused mixture-of-experts weights (stored dense in " \
+           "the compressed checkpoint" in proc.stdout
+    layers = json.loads((out / "compressed" / checkpoint.MANIFEST).read_text())["sparse_layers"]
+    assert sorted(layers) == sorted(f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo")
+    # (transformers saves Mixtral's experts in the checkpoint layout: one (out, in) matrix per
+    # expert and projection)
+    experts = {k: w for k, w in load_file(out / "model.safetensors").items() if ".experts." in k}
+    assert len(experts) == 2 * 4 * 3
+    for name, w in experts.items():
+        assert (w.reshape(*w.shape[:-1], -1, 4) != 0).sum(-1).le(2).all(), name  # 2:4 along the inputs
+    evals = [_cli("eval", "--model", target, "--text", text_file, "--seqlen", "32", "--eval-tokens", "256", *extra)
+             for target, extra in ((out / "compressed", ()), (out, ("--dtype", "fp16")))]
+    assert all(p.returncode == 0 for p in evals), [p.stderr[-2000:] for p in evals]
+    ppl = [float(re.search(r"perplexity (\S+) over", p.stdout).group(1)) for p in evals]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-3), ppl
+
+
 def test_prune_with_owl(model_dir, text_file, tmp_path):
     proc = _cli("prune", "--model", model_dir, "--text", text_file, "--nsamples", "4", "--seqlen", "32",
                 "--sparsity", "0.6", "--owl", "--owl-lambda", "0.05", "--output", tmp_path / "out")

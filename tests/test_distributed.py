@@ -171,6 +171,20 @@ def test_ranks_prune_bit_identically_to_one_process(tmp_path, world):
     _assert_equal_results(records, single, world, *calib.shape)
 
 
+def test_fused_experts_prune_bit_identically_on_two_ranks(tmp_path):
+    # A Mixtral-style model: each rank runs its samples' tokens through the per-expert
+    # views; an expert's per-call rows are summed in one order whatever the split.
+    configs = [("wanda", "unstructured"), ("sparsegpt", "2:4")]
+    calib, path = _calib(tmp_path)
+    with _one_thread():
+        single = _dist_worker.prune_configs("mixtral", calib, configs)
+    for config, (weights, _) in single.items():
+        assert sum(".experts." in n for n in weights) == 3 * 8 * 2, config
+    records, codes = _launch(tmp_path, 2, {"kind": "equal", "model": "mixtral", "calib": path, "configs": configs})
+    assert codes == [0, 0]
+    _assert_equal_results(records, single, 2, *calib.shape)
+
+
 def test_smollm2_first_layers_prune_bit_identically_on_two_ranks(tmp_path):
     _assets_or_skip()
     from wanda_kernels.llm import data, models

@@ -471,3 +471,25 @@ def test_gpt2_conv1d_pruned_by_triton_and_sparsified_on_gpu(fmt):
         y = model(x)
     assert not isinstance(model[0], Conv1D) and not model[0].kernel().startswith("dense"), model[0].kernel()
     torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # fp16 sums in another order
+
+
+def test_fused_experts_pruned_on_gpu_like_on_cpu():
+    # gpt-oss's experts: 3-D (experts, in, out) weights with biases. On CUDA the per-expert
+    # views are strided (out, in) views that the Triton kernels prune in place, and the
+    # routing replay sorts and counts tokens on the device.
+    pytest.importorskip("transformers")
+    from test_experts import _gpt_oss
+    from test_pipeline import calib_ids, pruned_weights
+
+    from wanda_kernels.llm import pipeline
+
+    calib = calib_ids(n=4)
+    cpu, gpu = _gpt_oss(), _gpt_oss().cuda()
+    pipeline.prune_model(cpu, calib, pattern="2:4", progress=False, backend="torch")
+    report = pipeline.prune_model(gpu, calib, pattern="2:4", progress=False)  # auto: Triton on CUDA
+    assert report.expert_linears == 2 * 4 * 2
+    want, got = pruned_weights(cpu), pruned_weights(gpu)
+    for name, w in got.items():
+        assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).le(2).all(), name
+        # fp32 norms summed in another order can swap a near-tie; nothing more
+        assert (w.cpu().ne(0) == want[name].ne(0)).float().mean() > 0.999, name

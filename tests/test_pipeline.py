@@ -1,4 +1,4 @@
-"""prune_model on tiny random decoders of five families and on a truncated SmolLM2."""
+"""prune_model on tiny random decoders of six families (one mixture of experts) and on a truncated SmolLM2."""
 
 import copy
 import os
@@ -12,6 +12,7 @@ import wanda_kernels as wk  # noqa: E402
 from wanda_kernels import reference  # noqa: E402
 from wanda_kernels._linear_like import linear_weight  # noqa: E402
 from wanda_kernels.llm import pipeline  # noqa: E402
+from wanda_kernels.llm.experts import expert_linears  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=64)
@@ -30,6 +31,8 @@ def tiny_model(family: str):
                                      num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64)
     elif family == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=64)
+    elif family == "mixtral":  # fused experts: 3-D gate_up_proj / down_proj, no nn.Linear
+        cfg = transformers.MixtralConfig(num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, **TINY)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     model.config.use_cache = False
     return model
@@ -40,9 +43,13 @@ def calib_ids(n=4, seqlen=16, seed=0):
 
 
 def pruned_weights(model):
+    """``{"<layer>.<linear>": (out, in) view}`` of every weight prune_model prunes (fused experts' too)."""
     _, layers = pipeline.find_decoder_layers(model)
-    return {f"{i}.{n}": linear_weight(m) for i, layer in enumerate(layers)
-            for n, m in pipeline.linear_layers(layer).items()}
+    weights = {}
+    for i, layer in enumerate(layers):
+        with expert_linears(layer):  # the views stay views of the model's weights afterwards
+            weights.update({f"{i}.{n}": linear_weight(m) for n, m in pipeline.linear_layers(layer).items()})
+    return weights
 
 
 def _outside_decoder(model):
@@ -51,7 +58,7 @@ def _outside_decoder(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in inside}
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt", "gpt2", "mixtral"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_exact_sparsity_and_untouched_rest(family, pattern):
     model = tiny_model(family)

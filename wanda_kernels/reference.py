@@ -474,6 +474,13 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
     processes), prune each linear with :func:`prune` on ``sqrt`` of that, then run the
     layer again to produce the next layer's inputs.
 
+    Fused mixture-of-experts weights in Mixtral's layout (a module with 3-D
+    ``gate_up_proj`` ``(experts, 2 * inner, hidden)``, gate rows first, and ``down_proj``
+    ``(experts, hidden, inner)``, called as ``(hidden_states, top_k_index, weights)``):
+    each expert's two matrices are pruned like linears, with the norms of the tokens
+    routed to it and of ``act_fn(gate) * up`` on them; an expert no token reached is
+    pruned by magnitude (unit norms).
+
     Args:
         layers: the decoder layers, in order.
         inputs: ``(nsamples, seqlen, hidden)``: the first layer's inputs.
@@ -495,15 +502,37 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
                 sums.setdefault(name, []).append((x * x).sum(dim=0))
             return hook
 
+        experts = {n: m for n, m in layer.named_modules()
+                   if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor) and m.gate_up_proj.dim() == 3}
+
+        def record_experts(name, sums):
+            def hook(mod, args):
+                x = args[0].reshape(-1, args[0].shape[-1])
+                for e in range(mod.gate_up_proj.shape[0]):
+                    routed = x[(args[1].reshape(x.shape[0], -1) == e).any(dim=-1)]
+                    gate, up = torch.nn.functional.linear(routed, mod.gate_up_proj[e]).chunk(2, dim=-1)
+                    inner = mod.act_fn(gate) * up
+                    for part, seen in (("gate_up_proj", routed), ("down_proj", inner)):
+                        sums.setdefault((name, e, part), []).append((seen.float() ** 2).sum(dim=0))
+            return hook
+
         handles = [m.register_forward_pre_hook(record(n, sums)) for n, m in linears.items()]
+        handles += [m.register_forward_pre_hook(record_experts(n, sums)) for n, m in experts.items()]
         for j in range(h.shape[0]):
             layer(h[j : j + 1], **layer_kwargs)
         for handle in handles:
             handle.remove()
-        for name, module in linears.items():
+        weights = {name: module.weight.data for name, module in linears.items()}
+        for name, module in experts.items():
+            for e in range(module.gate_up_proj.shape[0]):
+                weights.update({(name, e, part): getattr(module, part).data[e]
+                                for part in ("gate_up_proj", "down_proj")})
+        for name, weight in weights.items():
             norms = torch.stack(sums[name]).double().sum(dim=0).float().sqrt() if metric == "wanda" else None
-            pruned, _ = prune(module.weight.data, norms, sparsity, pattern=pattern, metric=metric, scope=scope)
-            module.weight.data.copy_(pruned)
+            if norms is not None and isinstance(name, tuple) and not norms.any():
+                norms = torch.ones_like(norms)  # an expert no token reached: by magnitude
+            pruned, _ = prune(weight, norms, sparsity, pattern=pattern, metric=metric, scope=scope)
+            weight.copy_(pruned)
         outs = [layer(h[j : j + 1], **layer_kwargs) for j in range(h.shape[0])]
         h = torch.cat([o[0] if isinstance(o, (tuple, list)) else o for o in outs])
     return h

@@ -193,6 +193,11 @@ def _prune(args, device: torch.device, main: bool) -> int:
     ranks = f" on {report.world_size} processes" if report.world_size > 1 else ""
     print(f"pruned {len(report.layers)} decoder layers ({args.method}, {args.pattern}) in "
           f"{report.total_seconds:.1f} s{ranks}, mean sparsity {report.overall_sparsity():.4f}")
+    if report.expert_linears:
+        print(f"{report.expert_linears} of the pruned layers are experts' projections in fused mixture-of-experts "
+              "weights" +
+              (" (stored dense in the compressed checkpoint: its sparse modules replace linear layers)"
+               if args.compressed else ""))
     # Everything goes into a sibling folder, renamed to --output once complete.
     with staged_dir(args.output, overwrite=args.overwrite, name="--output") as stage:
         print(f"writing the pruned model to {args.output}", flush=True)

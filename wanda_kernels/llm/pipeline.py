@@ -12,7 +12,9 @@ blocks that hold linear layers, and their keyword arguments (attention mask, pos
 ids, ``position_embeddings``...) are whatever the model passed to its first layer:
 no model-name checks. Only linear layers inside decoder layers are pruned
 (``nn.Linear`` and its subclasses that compute the same, such as Falcon's, not routers;
-and GPT-2's ``Conv1D``, whose transposed weight is pruned as a view).
+and GPT-2's ``Conv1D``, whose transposed weight is pruned as a view), and the experts of
+mixture-of-experts blocks that transformers stores fused in 3-D parameters, each
+expert's projections on the tokens routed to it (:mod:`.experts`).
 
 Each method is one entry of :data:`METHODS`: what it collects while a layer runs, how
 the collected statistics of all calibration samples are combined, and how it prunes one
@@ -47,6 +49,7 @@ from ..prune import PruneSpec, apply_mask_, check_prunable, prune_spec
 from . import owl as owl_alloc
 from .distributed import Shard, current_shard
 from .dsnot import dsnot_refine
+from .experts import ExpertLinears, expert_linears
 from .permute import FOLDS, fold_, head_permutation, nm_permutation, score_matrix
 from .sparsegpt import collect_hessians, sparsegpt_prune_
 
@@ -84,6 +87,11 @@ class PruneReport:
     # (SparseLinear gathers its input in that order). Not in to_dict: a checkpoint stores them.
     permutations: dict[str, torch.Tensor] = field(default_factory=dict)
     folded: list[str] = field(default_factory=list)  # linears whose input permutation was folded into producers
+    # fused MoE experts' linears (``"model.layers.0.mlp.experts.3.down_proj"``) that no calibration
+    # token reached: there was nothing to rank them by, so they were pruned by weight magnitude
+    uncalibrated: list[str] = field(default_factory=list)
+    pruned_weight_fraction: float = 1.0  # of the decoder layers' weights (>= 2-D parameters), those pruned
+    expert_linears: int = 0  # of the pruned linears, those that are one expert's projection in fused MoE weights
 
     def overall_sparsity(self) -> float:
         values = [v for layer in self.layers for v in layer.sparsity.values()]
@@ -97,6 +105,12 @@ class PruneReport:
 
 class _StopForward(Exception):
     pass
+
+
+# Below this share of the decoder layers' weights in pruned layers, prune_model warns: the
+# architecture keeps weights in modules of its own. Routers, norms and convolutions of
+# hybrid models hold far less than 5%.
+_COVERED_WARN = 0.95
 
 
 def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
@@ -370,9 +384,17 @@ def prune_model(
     rank ends with the same pruned model, bit-identical to a one-process run
     (:mod:`wanda_kernels.llm.distributed`). Only rank 0 shows progress and logs.
 
+    Mixture-of-experts blocks whose experts transformers keeps in 3-D weights are pruned
+    expert by expert (:mod:`.experts`), each with the norms (or ``X^T X``) of the tokens
+    routed to it; an expert no calibration token reached is pruned by magnitude, with a
+    warning. A warning also says when the pruned layers hold less than 95% of the decoder
+    layers' weights (weights in modules of other kinds stay dense).
+
     Returns:
         A :class:`PruneReport` with the sparsity reached per linear, the time per layer,
-        and the world size and each rank's calibration tokens.
+        the world size and each rank's calibration tokens, and the share of the decoder
+        layers' weights pruned (``pruned_weight_fraction``), the number of expert
+        projections among the linears (``expert_linears``) and the uncalibrated ones.
 
     Raises:
         ValueError, TypeError: a bad option, a linear that cannot take the pattern, or a
@@ -395,14 +417,19 @@ def prune_model(
     if shard.distributed:
         shard.check_same("calib (the calibration token ids)", _fingerprint(calib))
     with shard.step("checking the weights"):
-        _check_weights(layers_name, layers, spec)  # every linear, before any is touched
+        covered = _check_weights(layers_name, layers, spec)  # every linear, before any is touched
+    if covered < _COVERED_WARN and shard.is_main:
+        warnings.warn(f"the linear layers (and fused experts) that prune_model prunes hold {covered:.1%} of the "
+                      f"weights of {type(model).__name__}'s decoder layers; the rest (modules of other kinds) stays "
+                      "dense", RuntimeWarning, stacklevel=2)
 
     t_start = time.perf_counter()
     report = PruneReport(method=method, pattern=pattern, sparsity=spec.sparsity, nsamples=calib.shape[0],
                          seqlen=calib.shape[1], world_size=shard.world_size,
                          calib_tokens_per_rank=[n * calib.shape[1] for n in shard.samples_per_rank()],
                          options=dict(metric=spec.metric, owl=owl, permute=permute, dsnot=dsnot,
-                                      **(dict(owl_lambda=owl_lambda, owl_m=owl_m) if owl else {})))
+                                      **(dict(owl_lambda=owl_lambda, owl_m=owl_m) if owl else {})),
+                         pruned_weight_fraction=covered)
     inps = kwargs = None
     if chosen.collect is not None or owl:
         t0 = time.perf_counter()
@@ -413,7 +440,7 @@ def prune_model(
     if owl:
         t0 = time.perf_counter()
         ratios = _outlier_ratios(layers, inps, kwargs, device, backend, shard, owl_m, progress and shard.is_main)
-        sizes = [sum(linear_weight(m).numel() for m in linear_layers(layer).values()) for layer in layers]
+        sizes = [_pruned_size(layer) for layer in layers]
         targets = owl_alloc.layer_sparsities(ratios, spec.sparsity, owl_lambda, sizes)
         report.layer_targets = targets
         report.owl_seconds = time.perf_counter() - t0
@@ -423,17 +450,20 @@ def prune_model(
     # per-layer path waits for the GPU except the phase timings (_synchronize).
     zeros: list[tuple[LayerReport, str, int, torch.Tensor]] = []  # (report, linear, numel, zero count)
     nonfinite: list[tuple[int, torch.Tensor]] = []
+    unreached: list[tuple[str, torch.Tensor]] = []  # (expert linear's name in the model, no token reached it)
     bar = progress_bar(layers, progress and shard.is_main, f"{method} {pattern}")
     for index, layer in enumerate(bar):
         t_layer = time.perf_counter()
-        with _onloaded(layer, device) as work:  # the activations stay on the working device for the next layer
+        # the activations stay on the working device for the next layer; experts are attached once it is there
+        with _onloaded(layer, device) as work, expert_linears(layer) as experts:
             linears = linear_layers(layer)
             stats: dict = {}
             if chosen.collect is not None:
                 t0 = time.perf_counter()
                 with shard.step(f"calibrating decoder layer {index}"):
                     inps, kw = inps.to(work), _to(kwargs, work)
-                    stats = chosen.collect(layer, linears, functools.partial(_run_layer, layer, inps, kw), backend)
+                    run = _replaying(experts, functools.partial(_run_layer, layer, inps, kw))
+                    stats = chosen.collect(layer, linears, run, backend)
                     _synchronize(work)
                 report.forward_seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -441,12 +471,18 @@ def prune_model(
                 _synchronize(work)
                 report.comm_seconds += time.perf_counter() - t0
                 nonfinite.append((index, torch.stack([~torch.isfinite(v).all() for v in stats.values()]).any()))
+                for name in experts.names:
+                    stats[name], missed = _uncalibrated_fallback(stats[name])
+                    unreached.append((f"{layers_name}.{index}.{name}", missed))
+            report.expert_linears += len(experts.names)
             t0 = time.perf_counter()
             layer_spec = replace(spec, sparsity=targets[index])
             perms: dict[str, torch.Tensor] = {}
             if permute:
                 with shard.step(f"permuting the inputs of decoder layer {index}"):
-                    perms, stats, folded = _permute_layer(layer, linears, stats, spec, shard)
+                    # not the experts' views: no sparse module could gather their inputs
+                    permutable = {n: m for n, m in linears.items() if n not in experts.names}
+                    perms, stats, folded = _permute_layer(layer, permutable, stats, spec, shard)
                 report.folded += [f"{layers_name}.{index}.{name}" for name in folded]
                 report.permutations.update({f"{layers_name}.{index}.{name}": p.cpu() for name, p in perms.items()})
             owners = shard.owners([mod.weight.numel() for mod in linears.values()])
@@ -475,6 +511,13 @@ def prune_model(
     for (layer_report, name, numel, _), count in zip(zeros, _to_host([c for *_, c in zeros])):
         layer_report.sparsity[name] = count / numel
     bad = [index for (index, _), flag in zip(nonfinite, _to_host([f for _, f in nonfinite])) if flag]
+    report.uncalibrated = [name for (name, _), flag in zip(unreached, _to_host([f for _, f in unreached])) if flag]
+    if report.uncalibrated and shard.is_main:
+        warnings.warn(f"{len(report.uncalibrated)} expert projections ({', '.join(report.uncalibrated[:2])}"
+                      f"{', ...' if len(report.uncalibrated) > 2 else ''}) got no calibration token, so there was "
+                      "nothing to rank their weights by: they were pruned by weight magnitude "
+                      "(PruneReport.uncalibrated lists them; more calibration samples reach more experts)",
+                      RuntimeWarning, stacklevel=2)
     if bad and shard.is_main:
         warnings.warn(f"decoder layers {bad} saw non-finite activations during calibration (overflow in "
                       f"{next(iter(model.parameters())).dtype}?): the statistics their masks were chosen from are "
@@ -562,17 +605,49 @@ def _outlier_ratios(layers, inps, kwargs, device, backend: str, shard: Shard, m:
     """OWL's calibration pass: each dense decoder layer's share of outlier Wanda scores, layer by layer."""
     ratios = []
     for index, layer in enumerate(progress_bar(layers, progress, "OWL outlier ratios")):
-        with _onloaded(layer, device) as work:
+        with _onloaded(layer, device) as work, expert_linears(layer) as experts:
             linears = linear_layers(layer)
             with shard.step(f"OWL: measuring decoder layer {index}"):
                 inps, kw = inps.to(work), _to(kwargs, work)
                 out: list[torch.Tensor] = []  # the layer's outputs: the next layer's inputs
-                run = functools.partial(_run_into, out, layer, inps, kw)
+                run = _replaying(experts, functools.partial(_run_into, out, layer, inps, kw))
                 norms = _combine_norms(_collect_norms(layer, linears, run, backend), shard)
                 ratios.append(owl_alloc.outlier_ratio(
                     [linear_weight(mod).abs().float() * norms[name][None, :] for name, mod in linears.items()], m))
                 inps = out[0]
     return ratios
+
+
+def _replaying(experts: ExpertLinears, run: Callable[[], object]) -> Callable[[], None]:
+    """``run`` with the fused experts' per-expert linears run too, so statistics hooks see their inputs."""
+    def replayed() -> None:
+        with experts.replay():
+            run()
+
+    return replayed
+
+
+def _uncalibrated_fallback(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An expert linear's statistics, or those of unit inputs where no token reached it (all zero).
+
+    Zero norms make every Wanda score 0 (a tie over the whole row), and so does the zero
+    diagonal of ``X^T X`` for DSnoT; unit norms (the identity) rank by ``|W|`` instead,
+    and SparseGPT with the identity prunes by ``|W|`` with no weight update (as it treats
+    all-dead inputs anyway). Returns the statistics and whether they were replaced (a 0-d
+    bool tensor: no read-back here).
+    """
+    if stats.dim() == 1:
+        missed = ~stats.any()
+        return torch.where(missed, torch.ones_like(stats), stats), missed
+    missed = ~torch.diagonal(stats).any()
+    eye = torch.eye(stats.shape[0], dtype=stats.dtype, device=stats.device)
+    return torch.where(missed, eye, stats), missed
+
+
+def _pruned_size(layer: nn.Module) -> int:
+    """The number of weights of ``layer`` that the pruning covers (OWL weighs layers by it)."""
+    with expert_linears(layer):
+        return sum(linear_weight(m).numel() for m in linear_layers(layer).values())
 
 
 def _fingerprint(calib: torch.Tensor) -> list[int]:
@@ -581,20 +656,29 @@ def _fingerprint(calib: torch.Tensor) -> list[int]:
     return [*calib.shape, *torch.stack([calib.sum(), (calib * weights).sum()]).tolist()]
 
 
-def _check_weights(layers_name: str, layers: nn.ModuleList, spec: PruneSpec) -> None:
-    """Every linear's weight: dtype, shape and pattern, then finite values, read back in one transfer per device."""
+def _check_weights(layers_name: str, layers: nn.ModuleList, spec: PruneSpec) -> float:
+    """Every linear's weight: dtype, shape and pattern, then finite values, read back in one transfer per device.
+
+    Returns the fraction of the decoder layers' weights (parameters of 2 or more
+    dimensions) that the pruning covers.
+    """
     names, finite = [], []
+    covered = total = 0
     for index, layer in enumerate(layers):
-        for name, mod in linear_layers(layer).items():
-            weight = linear_weight(mod)
-            names.append(f"{layers_name}.{index}.{name}.weight")
-            check_prunable(weight, spec, name=names[-1])
-            finite.append(torch.isfinite(weight).all())
+        total += sum(p.numel() for p in layer.parameters() if p.dim() >= 2)
+        with expert_linears(layer):
+            for name, mod in linear_layers(layer).items():
+                weight = linear_weight(mod)
+                names.append(f"{layers_name}.{index}.{name}.weight")
+                check_prunable(weight, spec, name=names[-1])
+                finite.append(torch.isfinite(weight).all())
+                covered += weight.numel()
     bad = [name for name, ok in zip(names, _to_host(finite)) if not ok]
     if bad:
         raise ValueError(f"{len(bad)} weight{'s' if len(bad) > 1 else ''} of the model hold NaN or Inf values "
                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); pruning ranks weights by "
                          "score, and NaN or Inf has no rank. Nothing was pruned")
+    return covered / max(1, total)
 
 
 def _synchronize(device: torch.device) -> None:

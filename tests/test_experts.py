@@ -1,0 +1,195 @@
+"""prune_model on mixture-of-experts models whose experts transformers stores fused in 3-D weights.
+
+Mixtral-style (``(experts, out, in)``, gate rows then up rows) and gpt-oss-style
+(``(experts, in, out)``, gate and up interleaved, biases, its own gate function) layouts,
+against the plain-torch reference loop and against norms computed by hand.
+"""
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_pipeline import calib_ids, pruned_weights, tiny_model  # noqa: E402
+
+from wanda_kernels import reference  # noqa: E402
+from wanda_kernels.llm import pipeline  # noqa: E402
+from wanda_kernels.llm.experts import expert_linears, is_fused_experts  # noqa: E402
+
+
+def _first_layer_inputs(model, calib):
+    """The first decoder layer's inputs (one row per sample) and keyword arguments, by a plain hook."""
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.setdefault("x", []).append(args[0])
+        captured.setdefault("kw", kwargs)
+        raise StopIteration
+
+    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    for row in calib:
+        with pytest.raises(StopIteration), torch.no_grad():
+            model(row[None], use_cache=False)
+    handle.remove()
+    return torch.cat(captured["x"]), {k: v for k, v in captured["kw"].items() if k != "past_key_values"}
+
+
+def _mixtral(experts=8, top_k=2, layers=3):
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     num_local_experts=experts, num_experts_per_tok=top_k)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.config.use_cache = False
+    return model
+
+
+def test_expert_views_write_through_and_are_gone_afterwards():
+    model = _mixtral()
+    layer = model.model.layers[0]
+    experts = layer.mlp.experts
+    assert is_fused_experts(experts) and not is_fused_experts(layer.mlp.gate) and not is_fused_experts(layer)
+    keys = set(model.state_dict())
+    with expert_linears(layer) as found:
+        assert found.names == [f"mlp.experts.{e}.{p}" for e in range(8) for p in ("gate_up_proj", "down_proj")]
+        linears = pipeline.linear_layers(layer)
+        assert set(found.names) <= set(linears) and len(linears) == 4 + 16
+        view = linears["mlp.experts.3.down_proj"].weight
+        assert view.shape == (64, 128) and view.data_ptr() == experts.down_proj[3].data_ptr()
+        view.data[0, 0] = 7.0
+    assert experts.down_proj[3, 0, 0] == 7.0  # the model's weight changed
+    assert set(model.state_dict()) == keys and not hasattr(experts, "3")
+    assert len(pipeline.linear_layers(layer)) == 4
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_mixtral_equals_the_reference_loop(pattern):
+    model = _mixtral()
+    twin = copy.deepcopy(model)
+    calib = calib_ids(n=6)
+    x, kw = _first_layer_inputs(twin, calib)
+    reference.sequential_prune(twin.model.layers, x, kw, pattern=pattern)
+    report = pipeline.prune_model(model, calib, pattern=pattern, progress=False)
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.equal(a, b), name
+    assert report.expert_linears == 3 * 8 * 2 and report.pruned_weight_fraction > 0.99
+    expert_sparsity = [v for layer in report.layers for k, v in layer.sparsity.items() if ".experts." in k]
+    assert len(expert_sparsity) == 48 and min(expert_sparsity) >= 0.5
+    # The experts are most of the weights, and they were pruned.
+    experts = model.model.layers[1].mlp.experts
+    assert (experts.gate_up_proj == 0).float().mean() >= 0.5 and (experts.down_proj == 0).float().mean() >= 0.5
+
+
+def test_experts_no_calibration_token_reached_are_pruned_by_magnitude_and_named():
+    model = _mixtral(experts=16, top_k=1, layers=2)
+    twin = copy.deepcopy(model)
+    calib = calib_ids(n=1, seqlen=4)  # 4 tokens: at most 4 of 16 experts per layer
+    x, kw = _first_layer_inputs(twin, calib)
+    reference.sequential_prune(twin.model.layers, x, kw)
+    with pytest.warns(RuntimeWarning, match=r"expert projections \(model\.layers\.0\.mlp\.experts\.\d+\.gate_up_proj, "
+                                            r".*got no calibration token.*pruned by weight magnitude"):
+        report = pipeline.prune_model(model, calib, progress=False)
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.equal(a, b), name
+    unreached = {int(re.search(r"layers\.0\.mlp\.experts\.(\d+)\.gate_up_proj", n).group(1))
+                 for n in report.uncalibrated if re.search(r"layers\.0\.mlp\.experts\.(\d+)\.gate_up_proj", n)}
+    assert 12 <= len(unreached) < 16 and len(report.uncalibrated) >= 2 * 2 * 12
+    experts = model.model.layers[0].mlp.experts
+    dense_experts = _mixtral(experts=16, top_k=1, layers=2).model.layers[0].mlp.experts  # the same seed
+    for e in sorted(unreached)[:3]:
+        dense = dense_experts.gate_up_proj.data[e]
+        keep = reference.keep_mask(dense, None, 0.5, metric="magnitude")
+        assert torch.equal(experts.gate_up_proj.data[e], dense * keep), e
+
+
+@pytest.mark.parametrize(("method", "options"), [("sparsegpt", {}), ("wanda", {"dsnot": True})])
+def test_methods_with_x_t_x_prune_experts_no_token_reached_by_magnitude(method, options):
+    # Their X^T X is zero: DSnoT would start from all-tied scores (and SparseGPT needs an
+    # invertible H); the identity in its place ranks by |W|, with no weight update.
+    model = _mixtral(experts=16, top_k=1, layers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = pipeline.prune_model(model, calib_ids(n=1, seqlen=4), method=method, progress=False, **options)
+    unreached = sorted({int(re.search(r"experts\.(\d+)\.", n).group(1)) for n in report.uncalibrated})
+    assert len(unreached) >= 12
+    experts = model.model.layers[0].mlp.experts
+    dense_experts = _mixtral(experts=16, top_k=1, layers=1).model.layers[0].mlp.experts  # the same seed
+    for e in unreached:
+        for part in ("gate_up_proj", "down_proj"):
+            dense = getattr(dense_experts, part).data[e]
+            keep = reference.keep_mask(dense, None, 0.5, metric="magnitude")
+            assert torch.equal(getattr(experts, part).data[e], dense * keep), (e, part)
+    for name, w in pruned_weights(model).items():
+        assert (w == 0).sum(1).eq(reference.num_pruned(w.shape[1], 0.5)).all(), name
+
+
+def test_permute_leaves_the_experts_in_their_order():
+    pytest.importorskip("scipy")
+    model = _mixtral(layers=2)
+    report = pipeline.prune_model(model, calib_ids(), pattern="2:4", permute=True, progress=False)
+    assert report.permutations or report.folded
+    assert not any(".experts." in n for n in [*report.permutations, *report.folded])
+    for name, w in pruned_weights(model).items():
+        if ".experts." in name:  # 2:4 in the stored order
+            assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).le(2).all(), name
+
+
+def _gpt_oss():
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                    num_experts_per_tok=2, layer_types=["full_attention"] * 2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.config.use_cache = False
+    with torch.no_grad():  # give the biases values, so that leaving them out would show
+        for layer in model.model.layers:
+            layer.mlp.experts.gate_up_proj_bias.normal_(0, 0.5)
+            layer.mlp.experts.down_proj_bias.normal_(0, 0.5)
+    return model
+
+
+def test_gpt_oss_layout_transposed_with_biases_uses_each_experts_inputs():
+    model = _gpt_oss()
+    experts = model.model.layers[0].mlp.experts
+    assert experts.is_transposed and experts.has_bias and experts.gate_up_proj.shape == (4, 64, 64)
+    calib = calib_ids(n=3)
+    # By hand, on the dense model: each expert's routed hidden states, and its down projection's
+    # input (the model's own gate function on gate_up with bias), summed over the calls.
+    sums = {}
+
+    def grab(module, args, kwargs):
+        hidden, index = args[0], args[1]
+        for e in range(4):
+            routed = hidden[(index == e).any(-1)]
+            inner = module._apply_gate(routed @ module.gate_up_proj[e] + module.gate_up_proj_bias[e])
+            for part, seen in (("gate_up_proj", routed), ("down_proj", inner)):  # fp32 per call, fp64 over calls
+                sums[(e, part)] = sums.get((e, part), 0) + (seen.float() ** 2).sum(0).double()
+
+    handle = experts.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        for row in calib:
+            model(row[None], use_cache=False)
+    handle.remove()
+    dense = {key: getattr(experts, key[1]).data[key[0]].t().clone() for key in sums}  # (out, in)
+    pipeline.prune_model(model, calib, progress=False)
+    for (e, part), sq in sums.items():
+        weight = getattr(experts, part).data[e].t()  # (out, in) view of the stored (in, out)
+        assert torch.equal(weight.ne(0), reference.keep_mask(dense[(e, part)], sq.sqrt().float(), 0.5)), (e, part)
+    assert torch.equal(experts.gate_up_proj_bias, _gpt_oss().model.layers[0].mlp.experts.gate_up_proj_bias)
+
+
+def test_weights_outside_linear_layers_are_reported():
+    model = tiny_model("llama")
+    for layer in model.model.layers:  # a module of its own kind, with most of the layer's weights
+        layer.mlp.register_parameter("extra", torch.nn.Parameter(torch.zeros(256, 256)))
+    with pytest.warns(RuntimeWarning, match=r"hold \d+\.\d% of the weights of LlamaForCausalLM's decoder layers; the "
+                                            r"rest \(modules of other kinds\) stays dense"):
+        report = pipeline.prune_model(model, calib_ids(), progress=False)
+    assert 0.3 < report.pruned_weight_fraction < 0.95
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pipeline.prune_model(tiny_model("llama"), calib_ids(), progress=False).pruned_weight_fraction == 1.0
