@@ -297,60 +297,57 @@ def test_prune_with_every_nm_switch_and_its_compressed_checkpoint(model_dir, tex
     assert len(layers) == 2 * 7 and sum(permuted for *_, permuted in layers.values()) == len(report["permutations"])
     # The compressed copy (gathering its permuted inputs) and the dense copy in fp16 agree;
     # only the order of the fp16 sums differs.
+    _compressed_and_dense_agree(out, text_file)
+
+
+def _tiny_model_folder(tmp_path, config_cls, **config):
+    """A random model of ``config_cls`` with the built-in tokenizer, saved as a Hugging Face folder."""
+    tok = transformers.AutoTokenizer.from_pretrained(_assets_or_skip())
+    torch.manual_seed(0)
+    folder = tmp_path / f"tiny-{config_cls.__name__}"
+    transformers.AutoModelForCausalLM.from_config(config_cls(vocab_size=len(tok), **config)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _compressed_and_dense_agree(out, text_file):
+    """``eval`` of ``out/compressed`` and of ``out`` in fp16: the same perplexity but for fp16 sum order."""
     evals = [_cli("eval", "--model", target, "--text", text_file, "--seqlen", "32", "--eval-tokens", "256", *extra)
              for target, extra in ((out / "compressed", ()), (out, ("--dtype", "fp16")))]
     assert all(p.returncode == 0 for p in evals), [p.stderr[-2000:] for p in evals]
     ppl = [float(re.search(r"perplexity (\S+) over", p.stdout).group(1)) for p in evals]
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-3), ppl
+
+
+def _prune_compressed(model_dir, text_file, out, *options):
+    proc = _cli("prune", "--model", model_dir, "--text", text_file, "--nsamples", "4", "--seqlen", "32",
+                "--pattern", "2:4", *options, "--output", out, "--compressed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads((out / "compressed" / checkpoint.MANIFEST).read_text())["sparse_layers"]
 
 
 def test_prune_compressed_of_a_gpt2_model(text_file, tmp_path):
     # GPT-2's linear layers are transformers' Conv1D: --compressed must store them, not
     # fail after the pruning (and with it lose the whole --output).
-    tok = transformers.AutoTokenizer.from_pretrained(_assets_or_skip())
-    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128)
-    torch.manual_seed(0)
-    model_dir = tmp_path / "tiny-gpt2"
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    out = tmp_path / "out"
-    proc = _cli("prune", "--model", model_dir, "--text", text_file, "--nsamples", "4", "--seqlen", "32",
-                "--pattern", "2:4", "--output", out, "--compressed")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    layers = json.loads((out / "compressed" / checkpoint.MANIFEST).read_text())["sparse_layers"]
+    model_dir = _tiny_model_folder(tmp_path, transformers.GPT2Config, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    _, layers = _prune_compressed(model_dir, text_file, tmp_path / "out")
     assert sorted(layers) == sorted(f"transformer.h.{i}.{n}" for i in range(2)
                                     for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
     assert layers["transformer.h.0.attn.c_attn"][:2] == [64, 192]  # (in, out)
-    evals = [_cli("eval", "--model", target, "--text", text_file, "--seqlen", "32", "--eval-tokens", "256", *extra)
-             for target, extra in ((out / "compressed", ()), (out, ("--dtype", "fp16")))]
-    assert all(p.returncode == 0 for p in evals), [p.stderr[-2000:] for p in evals]
-    ppl = [float(re.search(r"perplexity (\S+) over", p.stdout).group(1)) for p in evals]
     # The same fp16 weights; Conv1D's addmm and the fallback's F.linear may sum in other orders.
-    assert ppl[0] == pytest.approx(ppl[1], rel=1e-3), ppl
+    _compressed_and_dense_agree(tmp_path / "out", text_file)
 
 
 def test_prune_compressed_of_a_falcon_model(text_file, tmp_path):
     # Falcon's linear layers are FalconLinear, an nn.Linear subclass with its own forward
     # (x @ W.T + b): prune --compressed used to prune them, then fail (losing the output)
     # because the compressed formats took nn.Linear itself only.
-    tok = transformers.AutoTokenizer.from_pretrained(_assets_or_skip())
-    cfg = transformers.FalconConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
-    torch.manual_seed(0)
-    model_dir = tmp_path / "tiny-falcon"
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    out = tmp_path / "out"
-    proc = _cli("prune", "--model", model_dir, "--text", text_file, "--nsamples", "4", "--seqlen", "32",
-                "--pattern", "2:4", "--permute", "--output", out, "--compressed")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    layers = json.loads((out / "compressed" / checkpoint.MANIFEST).read_text())["sparse_layers"]
+    model_dir = _tiny_model_folder(tmp_path, transformers.FalconConfig, hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4)
+    _, layers = _prune_compressed(model_dir, text_file, tmp_path / "out", "--permute")
     assert sorted(layers) == sorted(f"transformer.h.{i}.{n}" for i in range(2) for n in (
         "self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))
-    evals = [_cli("eval", "--model", target, "--text", text_file, "--seqlen", "32", "--eval-tokens", "256", *extra)
-             for target, extra in ((out / "compressed", ()), (out, ("--dtype", "fp16")))]
-    assert all(p.returncode == 0 for p in evals), [p.stderr[-2000:] for p in evals]
-    ppl = [float(re.search(r"perplexity (\S+) over", p.stdout).group(1)) for p in evals]
-    assert ppl[0] == pytest.approx(ppl[1], rel=1e-3), ppl
+    _compressed_and_dense_agree(tmp_path / "out", text_file)
 
 
 def test_prune_compressed_of_a_mixture_of_experts_model(text_file, tmp_path):
@@ -358,21 +355,13 @@ def test_prune_compressed_of_a_mixture_of_experts_model(text_file, tmp_path):
     # so on stdout, and stored dense (as pruned) next to the 2:4 attention layers.
     from safetensors.torch import load_file
 
-    tok = transformers.AutoTokenizer.from_pretrained(_assets_or_skip())
-    cfg = transformers.MixtralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2)
-    torch.manual_seed(0)
-    model_dir = tmp_path / "tiny-mixtral"
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = _tiny_model_folder(tmp_path, transformers.MixtralConfig, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   num_local_experts=4, num_experts_per_tok=2)
     out = tmp_path / "out"
-    proc = _cli("prune", "--model", model_dir, "--text", text_file, "--nsamples", "4", "--seqlen", "32",
-                "--pattern", "2:4", "--output", out, "--compressed")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, layers = _prune_compressed(model_dir, text_file, out)
     assert "16 of the pruned layers are experts' projections in fused mixture-of-experts weights (stored dense in " \
            "the compressed checkpoint" in proc.stdout
-    layers = json.loads((out / "compressed" / checkpoint.MANIFEST).read_text())["sparse_layers"]
     assert sorted(layers) == sorted(f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo")
     # (transformers saves Mixtral's experts in the checkpoint layout: one (out, in) matrix per
     # expert and projection)
@@ -380,11 +369,7 @@ def test_prune_compressed_of_a_mixture_of_experts_model(text_file, tmp_path):
     assert len(experts) == 2 * 4 * 3
     for name, w in experts.items():
         assert (w.reshape(*w.shape[:-1], -1, 4) != 0).sum(-1).le(2).all(), name  # 2:4 along the inputs
-    evals = [_cli("eval", "--model", target, "--text", text_file, "--seqlen", "32", "--eval-tokens", "256", *extra)
-             for target, extra in ((out / "compressed", ()), (out, ("--dtype", "fp16")))]
-    assert all(p.returncode == 0 for p in evals), [p.stderr[-2000:] for p in evals]
-    ppl = [float(re.search(r"perplexity (\S+) over", p.stdout).group(1)) for p in evals]
-    assert ppl[0] == pytest.approx(ppl[1], rel=1e-3), ppl
+    _compressed_and_dense_agree(out, text_file)
 
 
 def test_prune_with_owl(model_dir, text_file, tmp_path):

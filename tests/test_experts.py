@@ -14,28 +14,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_pipeline import calib_ids, pruned_weights, tiny_model  # noqa: E402
+from test_pipeline import calib_ids, first_layer_inputs, pruned_weights, tiny_model  # noqa: E402
 
 from wanda_kernels import reference  # noqa: E402
 from wanda_kernels.llm import pipeline  # noqa: E402
 from wanda_kernels.llm.experts import expert_linears, is_fused_experts  # noqa: E402
-
-
-def _first_layer_inputs(model, calib):
-    """The first decoder layer's inputs (one row per sample) and keyword arguments, by a plain hook."""
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured.setdefault("x", []).append(args[0])
-        captured.setdefault("kw", kwargs)
-        raise StopIteration
-
-    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    for row in calib:
-        with pytest.raises(StopIteration), torch.no_grad():
-            model(row[None], use_cache=False)
-    handle.remove()
-    return torch.cat(captured["x"]), {k: v for k, v in captured["kw"].items() if k != "past_key_values"}
 
 
 def _mixtral(experts=8, top_k=2, layers=3):
@@ -71,7 +54,7 @@ def test_mixtral_equals_the_reference_loop(pattern):
     model = _mixtral()
     twin = copy.deepcopy(model)
     calib = calib_ids(n=6)
-    x, kw = _first_layer_inputs(twin, calib)
+    x, kw = first_layer_inputs(twin, calib)
     reference.sequential_prune(twin.model.layers, x, kw, pattern=pattern)
     report = pipeline.prune_model(model, calib, pattern=pattern, progress=False)
     for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
@@ -88,7 +71,7 @@ def test_experts_no_calibration_token_reached_are_pruned_by_magnitude_and_named(
     model = _mixtral(experts=16, top_k=1, layers=2)
     twin = copy.deepcopy(model)
     calib = calib_ids(n=1, seqlen=4)  # 4 tokens: at most 4 of 16 experts per layer
-    x, kw = _first_layer_inputs(twin, calib)
+    x, kw = first_layer_inputs(twin, calib)
     reference.sequential_prune(twin.model.layers, x, kw)
     with pytest.warns(RuntimeWarning, match=r"expert projections \(model\.layers\.0\.mlp\.experts\.\d+\.gate_up_proj, "
                                             r".*got no calibration token.*pruned by weight magnitude"):

@@ -52,6 +52,24 @@ def pruned_weights(model):
     return weights
 
 
+def first_layer_inputs(model, calib):
+    """The first decoder layer's inputs (one row per sample) and keyword arguments, from a
+    plain hook of the test's own (the reference loop's starting point)."""
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.setdefault("x", []).append(args[0])
+        captured.setdefault("kw", kwargs)
+        raise StopIteration
+
+    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    for row in calib:
+        with pytest.raises(StopIteration), torch.no_grad():
+            model(row[None], use_cache=False)
+    handle.remove()
+    return torch.cat(captured["x"]), {k: v for k, v in captured["kw"].items() if k != "past_key_values"}
+
+
 def _outside_decoder(model):
     _, layers = pipeline.find_decoder_layers(model)
     inside = {id(p) for p in layers.parameters()}
@@ -84,22 +102,9 @@ def test_equals_the_reference_loop(pattern, metric):
     model = tiny_model("llama")
     twin = copy.deepcopy(model)
     calib = calib_ids(n=6)
-    # The reference gets the first layer's inputs and kwargs from a plain hook of its own.
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured.setdefault("x", []).append(args[0])
-        captured.setdefault("kw", kwargs)
-        raise StopIteration
-
-    handle = twin.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    for row in calib:
-        with pytest.raises(StopIteration), torch.no_grad():
-            twin(row[None], use_cache=False)
-    handle.remove()
-    kw = {k: v for k, v in captured["kw"].items() if k != "past_key_values"}
-    assert torch.equal(torch.cat(captured["x"]), twin.model.embed_tokens(calib))
-    reference.sequential_prune(twin.model.layers, torch.cat(captured["x"]), kw, pattern=pattern, metric=metric)
+    x, kw = first_layer_inputs(twin, calib)
+    assert torch.equal(x, twin.model.embed_tokens(calib))
+    reference.sequential_prune(twin.model.layers, x, kw, pattern=pattern, metric=metric)
 
     method = "magnitude" if metric == "magnitude" else "wanda"
     pipeline.prune_model(model, calib, pattern=pattern, method=method, scope="row" if method == "magnitude" else None,
