@@ -49,6 +49,26 @@ def test_expert_views_write_through_and_are_gone_afterwards():
     assert len(pipeline.linear_layers(layer)) == 4
 
 
+def test_replay_runs_each_expert_on_its_own_tokens_once_per_call():
+    experts = _mixtral().model.layers[0].mlp.experts
+    hidden, weights = torch.randn(5, 64), torch.rand(5, 2)
+    index = torch.tensor([[0, 1], [1, 2], [0, 3], [7, 1], [2, 0]])  # expert 4, 5, 6: no token
+    seen: dict[int, list] = {}
+    with expert_linears(experts) as found:  # the module itself as the block: names "3.down_proj"
+        assert found.names[:2] == ["0.gate_up_proj", "0.down_proj"]
+        for e in range(8):
+            getattr(experts, str(e)).gate_up_proj.register_forward_pre_hook(
+                lambda module, args, e=e: seen.setdefault(e, []).append(args[0]))
+        with torch.no_grad():
+            experts(hidden, index, weights)  # replay off: nothing seen
+            assert not seen
+            with found.replay():
+                experts(hidden, index, weights)
+                experts(hidden_states=hidden, top_k_index=index, top_k_weights=weights)
+    for e in range(8):
+        assert len(seen[e]) == 2 and all(torch.equal(x, hidden[(index == e).any(-1)]) for x in seen[e]), e
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_mixtral_equals_the_reference_loop(pattern):
     model = _mixtral()

@@ -82,8 +82,8 @@ class ExpertLinears:
         def run(module, args, kwargs, output):
             if not self._replaying:
                 return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            # (hidden_states, top_k_index, top_k_weights), by position or by any keyword names
+            hidden, index = [*args, *kwargs.values()][:2]
             _run_experts(module, units, hidden, index)
             return None
 
