@@ -103,13 +103,10 @@ def main(argv=None) -> int:
 
 def _weighted_sparsity(model, pipeline) -> float:
     """Zeros over all weights of the decoder layers' linears (OWL's target is this mean)."""
-    from wanda_kernels._linear_like import linear_weight
-
     _, layers = pipeline.find_decoder_layers(model)
     zeros = total = 0
     for layer in layers:
-        for mod in pipeline.linear_layers(layer).values():
-            w = linear_weight(mod)
+        for w in pipeline.prunable_weights(layer).values():
             zeros, total = zeros + int((w == 0).sum()), total + w.numel()
     return zeros / total
 

@@ -35,14 +35,13 @@ log = logging.getLogger("prune_distributed")
 
 
 def _pruned_digest(model) -> str:
-    from wanda_kernels._linear_like import linear_weight
     from wanda_kernels.llm import pipeline
 
     _, layers = pipeline.find_decoder_layers(model)
     digest = hashlib.sha256()
     for layer in layers:
-        for _, mod in sorted(pipeline.linear_layers(layer).items()):
-            digest.update(linear_weight(mod).detach().float().cpu().contiguous().numpy().tobytes())
+        for _, w in sorted(pipeline.prunable_weights(layer).items()):
+            digest.update(w.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

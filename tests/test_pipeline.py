@@ -10,9 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import wanda_kernels as wk  # noqa: E402
 from wanda_kernels import reference  # noqa: E402
-from wanda_kernels._linear_like import linear_weight  # noqa: E402
 from wanda_kernels.llm import pipeline  # noqa: E402
-from wanda_kernels.llm.experts import expert_linears  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=64)
@@ -45,11 +43,7 @@ def calib_ids(n=4, seqlen=16, seed=0):
 def pruned_weights(model):
     """``{"<layer>.<linear>": (out, in) view}`` of every weight prune_model prunes (fused experts' too)."""
     _, layers = pipeline.find_decoder_layers(model)
-    weights = {}
-    for i, layer in enumerate(layers):
-        with expert_linears(layer):  # the views stay views of the model's weights afterwards
-            weights.update({f"{i}.{n}": linear_weight(m) for n, m in pipeline.linear_layers(layer).items()})
-    return weights
+    return {f"{i}.{n}": w for i, layer in enumerate(layers) for n, w in pipeline.prunable_weights(layer).items()}
 
 
 def first_layer_inputs(model, calib):

@@ -27,10 +27,9 @@ def is_conv1d(module: nn.Module) -> bool:
             and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
 
 
-def is_linear_like(module: nn.Module, *, exact: bool = False) -> bool:
-    """An ``nn.Linear`` (``exact``: that class itself, not a subclass) or a ``Conv1D``."""
-    linear = type(module) is nn.Linear if exact else isinstance(module, nn.Linear)
-    return linear or is_conv1d(module)
+def is_linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (or a subclass) or a ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 # Subclass instances already probed: module -> whether its forward is F.linear (the answer
@@ -48,11 +47,9 @@ def computes_linear(module: nn.Module) -> bool:
     ``F.linear``; one that returns anything else (a router's top-k, a quantized layer's
     output, an error) is not a linear layer. A weight on the meta device cannot be run: False.
     """
-    if is_conv1d(module) or type(module) is nn.Linear:
-        return True
-    if not isinstance(module, nn.Linear):
+    if not is_linear_like(module):
         return False
-    if type(module).forward is nn.Linear.forward:
+    if is_conv1d(module) or type(module).forward is nn.Linear.forward:
         return True
     known = _PROBED.get(module)
     if known is None:

@@ -55,7 +55,8 @@ from .sparsegpt import collect_hessians, sparsegpt_prune_
 
 logger = logging.getLogger("wanda_kernels")
 
-__all__ = ["prune_model", "check_options", "PruneReport", "find_decoder_layers", "capture_layer_inputs", "METHODS"]
+__all__ = ["prune_model", "check_options", "PruneReport", "find_decoder_layers", "prunable_weights",
+           "capture_layer_inputs", "METHODS"]
 
 
 @dataclass
@@ -117,6 +118,13 @@ def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
     """The linear layers of ``block``, by their names in it: ``nn.Linear`` (and subclasses
     that compute the same, such as Falcon's; not routers that subclass it), ``Conv1D``."""
     return {n: m for n, m in block.named_modules() if computes_linear(m)}
+
+
+def prunable_weights(block: nn.Module) -> dict[str, torch.Tensor]:
+    """The ``(out, in)`` weights that prune_model prunes in ``block``, by linear name: views
+    of the model's own weights (one per expert and projection of fused experts)."""
+    with expert_linears(block):  # the views outlive the per-expert modules
+        return {name: linear_weight(mod) for name, mod in linear_layers(block).items()}
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -440,7 +448,7 @@ def prune_model(
     if owl:
         t0 = time.perf_counter()
         ratios = _outlier_ratios(layers, inps, kwargs, device, backend, shard, owl_m, progress and shard.is_main)
-        sizes = [_pruned_size(layer) for layer in layers]
+        sizes = [sum(w.numel() for w in prunable_weights(layer).values()) for layer in layers]
         targets = owl_alloc.layer_sparsities(ratios, spec.sparsity, owl_lambda, sizes)
         report.layer_targets = targets
         report.owl_seconds = time.perf_counter() - t0
@@ -644,12 +652,6 @@ def _uncalibrated_fallback(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return torch.where(missed, eye, stats), missed
 
 
-def _pruned_size(layer: nn.Module) -> int:
-    """The number of weights of ``layer`` that the pruning covers (OWL weighs layers by it)."""
-    with expert_linears(layer):
-        return sum(linear_weight(m).numel() for m in linear_layers(layer).values())
-
-
 def _fingerprint(calib: torch.Tensor) -> list[int]:
     """Integers that differ, short of a collision, when two ranks' token ids differ (one read-back)."""
     weights = torch.arange(1, calib.numel() + 1, device=calib.device).view_as(calib)
@@ -666,13 +668,11 @@ def _check_weights(layers_name: str, layers: nn.ModuleList, spec: PruneSpec) -> 
     covered = total = 0
     for index, layer in enumerate(layers):
         total += sum(p.numel() for p in layer.parameters() if p.dim() >= 2)
-        with expert_linears(layer):
-            for name, mod in linear_layers(layer).items():
-                weight = linear_weight(mod)
-                names.append(f"{layers_name}.{index}.{name}.weight")
-                check_prunable(weight, spec, name=names[-1])
-                finite.append(torch.isfinite(weight).all())
-                covered += weight.numel()
+        for name, weight in prunable_weights(layer).items():
+            names.append(f"{layers_name}.{index}.{name}.weight")
+            check_prunable(weight, spec, name=names[-1])
+            finite.append(torch.isfinite(weight).all())
+            covered += weight.numel()
     bad = [name for name, ok in zip(names, _to_host(finite)) if not ok]
     if bad:
         raise ValueError(f"{len(bad)} weight{'s' if len(bad) > 1 else ''} of the model hold NaN or Inf values "
