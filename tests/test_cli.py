@@ -350,24 +350,33 @@ def test_prune_compressed_of_a_falcon_model(text_file, tmp_path):
     _compressed_and_dense_agree(tmp_path / "out", text_file)
 
 
-def test_prune_compressed_of_a_mixture_of_experts_model(text_file, tmp_path):
-    # Mixtral's experts are 3-D weights, not linear layers: pruned expert by expert, said
-    # so on stdout, and stored dense (as pruned) next to the 2:4 attention layers.
+@pytest.mark.parametrize("family", ["mixtral", "llama4"])
+def test_prune_compressed_of_a_mixture_of_experts_model(family, text_file, tmp_path):
+    # The experts are 3-D weights, not linear layers (Mixtral's routed by index, Llama 4's
+    # stacked and stored (experts, in, out)): pruned expert by expert, said so on stdout,
+    # and stored dense (as pruned) next to the 2:4 linear layers.
     from safetensors.torch import load_file
 
-    model_dir = _tiny_model_folder(tmp_path, transformers.MixtralConfig, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   num_local_experts=4, num_experts_per_tok=2)
+    shared = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4)
+    attention = [f"self_attn.{p}_proj" for p in "qkvo"]
+    if family == "mixtral":
+        model_dir = _tiny_model_folder(tmp_path, transformers.MixtralConfig, num_experts_per_tok=2, **shared)
+        linears, experts_in_file = attention, 2 * 4 * 3  # one (out, in) matrix per expert and projection
+    else:  # every layer a mixture; its shared expert is linear layers, its router (nn.Linear subclass) stays dense
+        model_dir = _tiny_model_folder(tmp_path, transformers.Llama4TextConfig, head_dim=16, intermediate_size_mlp=96,
+                                       interleave_moe_layer_step=1, **shared)
+        linears = [*(f"feed_forward.shared_expert.{p}_proj" for p in ("gate", "up", "down")), *attention]
+        experts_in_file = 2 * 2  # gate_up_proj and down_proj, (experts, in, out) each
     out = tmp_path / "out"
     proc, layers = _prune_compressed(model_dir, text_file, out)
     assert "16 of the pruned layers are experts' projections in fused mixture-of-experts weights (stored dense in " \
            "the compressed checkpoint" in proc.stdout
-    assert sorted(layers) == sorted(f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo")
-    # (transformers saves Mixtral's experts in the checkpoint layout: one (out, in) matrix per
-    # expert and projection)
+    assert sorted(layers) == sorted(f"model.layers.{i}.{n}" for i in range(2) for n in linears)
     experts = {k: w for k, w in load_file(out / "model.safetensors").items() if ".experts." in k}
-    assert len(experts) == 2 * 4 * 3
+    assert len(experts) == experts_in_file
     for name, w in experts.items():
+        w = w.transpose(-1, -2) if family == "llama4" else w  # (..., out, in)
         assert (w.reshape(*w.shape[:-1], -1, 4) != 0).sum(-1).le(2).all(), name  # 2:4 along the inputs
     _compressed_and_dense_agree(out, text_file)
 

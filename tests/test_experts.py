@@ -1,8 +1,9 @@
 """prune_model on mixture-of-experts models whose experts transformers stores fused in 3-D weights.
 
-Mixtral-style (``(experts, out, in)``, gate rows then up rows) and gpt-oss-style
-(``(experts, in, out)``, gate and up interleaved, biases, its own gate function) layouts,
-against the plain-torch reference loop and against norms computed by hand.
+Mixtral-style (``(experts, out, in)``, gate rows then up rows), gpt-oss-style
+(``(experts, in, out)``, gate and up interleaved, biases, its own gate function) and
+Llama 4's stacked (one router-scaled input per expert block, ``(experts, in, out)``)
+layouts, against the plain-torch reference loop and against norms computed by hand.
 """
 
 import copy
@@ -196,3 +197,98 @@ def test_weights_outside_linear_layers_are_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert pipeline.prune_model(tiny_model("llama"), calib_ids(), progress=False).pruned_weight_fraction == 1.0
+
+
+def _llama4(experts=4, top_k=1, layers=2, step=1):
+    # Llama 4's layout: the stacked, router-scaled input and (experts, in, out) weights; with
+    # step 2 every other layer is dense (its own MLP of linear layers)
+    torch.manual_seed(0)
+    cfg = transformers.Llama4TextConfig(vocab_size=128, hidden_size=64, intermediate_size=64, intermediate_size_mlp=96,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=16, num_local_experts=experts, num_experts_per_tok=top_k,
+                                        interleave_moe_layer_step=step, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.config.use_cache = False
+    return model
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_llama4_stacked_experts_equal_the_reference_loop(pattern):
+    model = _llama4(experts=8, layers=4, step=2)
+    twin = copy.deepcopy(model)
+    calib = calib_ids(n=6)
+    x, kw = first_layer_inputs(twin, calib)
+    reference.sequential_prune(twin.model.layers, x, kw, pattern=pattern)
+    with warnings.catch_warnings():  # an expert no token reaches (top-1 of 8) is pruned by magnitude on both sides
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = pipeline.prune_model(model, calib, pattern=pattern, progress=False)
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.equal(a, b), name
+    # layers 1 and 3 hold 8 experts each; the routers (nn.Linear subclasses returning scores) stay dense
+    assert report.expert_linears == 2 * 8 * 2 and report.pruned_weight_fraction > 0.99
+    for i in (1, 3):
+        moe = model.model.layers[i].feed_forward
+        assert (moe.experts.gate_up_proj == 0).float().mean() >= 0.5 and (moe.experts.down_proj == 0).float().mean() >= 0.5
+        assert torch.equal(moe.router.weight, _llama4(experts=8, layers=4, step=2).model.layers[i].feed_forward.router.weight)
+    for name, w in pruned_weights(model).items():
+        if ".experts." in name and pattern == "2:4":  # along each output's inputs: the stored weights' dim 1
+            assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).le(2).all(), name
+
+
+def test_llama4_replay_runs_each_expert_on_its_nonzero_rows_once_per_call():
+    experts = _llama4().model.layers[0].feed_forward.experts
+    assert is_fused_experts(experts)
+    stacked = torch.randn(4, 5, 64)  # (experts, tokens, hidden)
+    stacked[0, [1, 3]] = 0  # tokens the router did not send to expert 0 (scaled by 0)
+    stacked[2] = 0  # expert 2: no token
+    seen: dict[int, list] = {}
+    with expert_linears(experts) as found:
+        assert found.names == [f"{e}.{p}" for e in range(4) for p in ("gate_up_proj", "down_proj")]
+        for e in range(4):
+            getattr(experts, str(e)).gate_up_proj.register_forward_pre_hook(
+                lambda module, args, e=e: seen.setdefault(e, []).append(args[0]))
+            getattr(experts, str(e)).down_proj.register_forward_pre_hook(
+                lambda module, args, e=e: seen.setdefault((e, "down"), []).append(args[0]))
+        with torch.no_grad(), found.replay():
+            out = experts(stacked.reshape(-1, 64))
+            experts(hidden_states=stacked.reshape(-1, 64))
+    want = {0: stacked[0, [0, 2, 4]], 1: stacked[1], 2: stacked[2, :0], 3: stacked[3]}
+    for e, rows in want.items():
+        assert len(seen[e]) == 2 and all(torch.equal(x, rows) for x in seen[e]), e
+        # the down projection's input: act(gate) * up, gate columns first, as the model computes it
+        gate, up = (rows @ experts.gate_up_proj[e]).chunk(2, dim=-1)
+        torch.testing.assert_close(seen[(e, "down")][0], experts.act_fn(gate) * up)
+    torch.testing.assert_close(out.reshape(4, 5, 64)[1], seen[(1, "down")][0] @ experts.down_proj[1])
+
+
+class _SwappedExperts(torch.nn.Module):
+    """Llama 4's shapes, but up and gate the other way round: not the stacked layout."""
+
+    def __init__(self, experts):
+        super().__init__()
+        self.gate_up_proj, self.down_proj, self.act_fn = experts.gate_up_proj, experts.down_proj, experts.act_fn
+
+    def forward(self, x):
+        x = x.view(self.gate_up_proj.shape[0], -1, x.shape[-1])
+        up, gate = torch.bmm(x, self.gate_up_proj).chunk(2, dim=-1)
+        return torch.bmm(up * self.act_fn(gate), self.down_proj).view(-1, self.down_proj.shape[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_stacked_layout_is_told_by_its_forward_not_its_shapes(dtype):
+    experts = _llama4().model.layers[0].feed_forward.experts.to(dtype)
+    assert is_fused_experts(experts)
+    assert not is_fused_experts(_SwappedExperts(experts))  # the same shapes and names
+    assert not is_fused_experts(copy.deepcopy(experts).to("meta"))  # cannot be run: not taken
+    with expert_linears(_SwappedExperts(experts)) as found:
+        assert found.names == []
+
+
+def test_llama4_look_alike_experts_stay_dense_and_the_warning_says_so():
+    model = _llama4(experts=4, layers=2)
+    for layer in model.model.layers:
+        layer.feed_forward.experts = _SwappedExperts(layer.feed_forward.experts)
+    with pytest.warns(RuntimeWarning, match=r"hold \d+\.\d% of the weights"):
+        report = pipeline.prune_model(model, calib_ids(), progress=False)
+    assert report.expert_linears == 0
+    assert not (model.model.layers[0].feed_forward.experts.gate_up_proj == 0).any()

@@ -1,5 +1,7 @@
 """GPU tests: compiled Triton on CUDA at LLaMA shapes. Skipped without a CUDA device."""
 
+import functools
+
 import pytest
 import torch
 
@@ -473,18 +475,22 @@ def test_gpt2_conv1d_pruned_by_triton_and_sparsified_on_gpu(fmt):
     torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # fp16 sums in another order
 
 
-def test_fused_experts_pruned_on_gpu_like_on_cpu():
-    # gpt-oss's experts: 3-D (experts, in, out) weights with biases. On CUDA the per-expert
-    # views are strided (out, in) views that the Triton kernels prune in place, and the
-    # routing replay sorts and counts tokens on the device.
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4"])
+def test_fused_experts_pruned_on_gpu_like_on_cpu(family):
+    # gpt-oss's experts: 3-D (experts, in, out) weights with biases, routed by index; Llama
+    # 4's: stacked router-scaled rows, found by one probe call of their forward (on the
+    # GPU, in the model's dtype). On CUDA the per-expert views are strided (out, in) views
+    # that the Triton kernels prune in place, and the replay sorts and counts tokens (or
+    # the nonzero rows) on the device.
     pytest.importorskip("transformers")
-    from test_experts import _gpt_oss
+    import test_experts
     from test_pipeline import calib_ids, pruned_weights
 
     from wanda_kernels.llm import pipeline
 
+    build = test_experts._gpt_oss if family == "gpt_oss" else functools.partial(test_experts._llama4, experts=4, top_k=2)
     calib = calib_ids(n=4)
-    cpu, gpu = _gpt_oss(), _gpt_oss().cuda()
+    cpu, gpu = build(), build().cuda()
     pipeline.prune_model(cpu, calib, pattern="2:4", progress=False, backend="torch")
     report = pipeline.prune_model(gpu, calib, pattern="2:4", progress=False)  # auto: Triton on CUDA
     assert report.expert_linears == 2 * 4 * 2

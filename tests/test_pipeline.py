@@ -1,4 +1,4 @@
-"""prune_model on tiny random decoders of six families (one mixture of experts) and on a truncated SmolLM2."""
+"""prune_model on tiny random decoders of seven families (two mixtures of experts) and on a truncated SmolLM2."""
 
 import copy
 import os
@@ -31,6 +31,9 @@ def tiny_model(family: str):
         cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=64)
     elif family == "mixtral":  # fused experts: 3-D gate_up_proj / down_proj, no nn.Linear
         cfg = transformers.MixtralConfig(num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, **TINY)
+    elif family == "llama4":  # stacked experts (experts, in, out), router-scaled inputs; a shared expert of linears
+        cfg = transformers.Llama4TextConfig(num_key_value_heads=2, head_dim=16, intermediate_size_mlp=96,
+                                            num_local_experts=4, interleave_moe_layer_step=1, **TINY)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     model.config.use_cache = False
     return model
@@ -70,7 +73,7 @@ def _outside_decoder(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in inside}
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt", "gpt2", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt", "gpt2", "mixtral", "llama4"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_exact_sparsity_and_untouched_rest(family, pattern):
     model = tiny_model(family)

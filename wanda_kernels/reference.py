@@ -479,7 +479,9 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
     ``(experts, hidden, inner)``, called as ``(hidden_states, top_k_index, weights)``):
     each expert's two matrices are pruned like linears, with the norms of the tokens
     routed to it and of ``act_fn(gate) * up`` on them; an expert no token reached is
-    pruned by magnitude (unit norms).
+    pruned by magnitude (unit norms). Llama 4's (one stacked, router-scaled argument
+    ``(experts * tokens, hidden)``, ``gate_up_proj`` ``(experts, hidden, 2 * inner)``,
+    ``down_proj`` ``(experts, inner, hidden)``): each expert's nonzero rows of its block.
 
     Args:
         layers: the decoder layers, in order.
@@ -493,7 +495,9 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
         sparsity = 0.5
     h = inputs
     for layer in layers:
-        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        # (a subclass with a forward of its own, such as Llama 4's router, is not a linear layer)
+        linears = {n: m for n, m in layer.named_modules()
+                   if isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward}
         sums: dict[str, list[torch.Tensor]] = {}
 
         def record(name, sums):
@@ -509,8 +513,13 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
             def hook(mod, args):
                 x = args[0].reshape(-1, args[0].shape[-1])
                 for e in range(mod.gate_up_proj.shape[0]):
-                    routed = x[(args[1].reshape(x.shape[0], -1) == e).any(dim=-1)]
-                    gate, up = torch.nn.functional.linear(routed, mod.gate_up_proj[e]).chunk(2, dim=-1)
+                    if len(args) == 1:  # Llama 4's: expert e's block of the stacked rows, its nonzero ones
+                        block = x.reshape(mod.gate_up_proj.shape[0], -1, x.shape[-1])[e]
+                        routed = block[block.abs().sum(dim=-1) > 0]
+                        gate, up = (routed @ mod.gate_up_proj[e]).chunk(2, dim=-1)
+                    else:
+                        routed = x[(args[1].reshape(x.shape[0], -1) == e).any(dim=-1)]
+                        gate, up = torch.nn.functional.linear(routed, mod.gate_up_proj[e]).chunk(2, dim=-1)
                     inner = mod.act_fn(gate) * up
                     for part, seen in (("gate_up_proj", routed), ("down_proj", inner)):
                         sums.setdefault((name, e, part), []).append((seen.float() ** 2).sum(dim=0))
@@ -524,9 +533,10 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
             handle.remove()
         weights = {name: module.weight.data for name, module in linears.items()}
         for name, module in experts.items():
+            stacked = not hasattr(module, "is_transposed")  # Llama 4's weights are stored (experts, in, out)
             for e in range(module.gate_up_proj.shape[0]):
-                weights.update({(name, e, part): getattr(module, part).data[e]
-                                for part in ("gate_up_proj", "down_proj")})
+                weights.update({(name, e, part): getattr(module, part).data[e].t() if stacked
+                                else getattr(module, part).data[e] for part in ("gate_up_proj", "down_proj")})
         for name, weight in weights.items():
             norms = torch.stack(sums[name]).double().sum(dim=0).float().sqrt() if metric == "wanda" else None
             if norms is not None and isinstance(name, tuple) and not norms.any():

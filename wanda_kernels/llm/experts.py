@@ -1,21 +1,33 @@
 """Fused mixture-of-experts weights, seen as one pair of linear layers per expert while pruning.
 
 transformers keeps the experts of a mixture-of-experts block in one module with 3-D
-parameters (the contract of its ``use_experts_implementation``: Mixtral, Qwen3-MoE,
-DeepSeek, gpt-oss, OLMoE, ...): ``gate_up_proj`` (``up_proj`` when ``has_gate`` is False)
-and ``down_proj``, ``(experts, out, in)`` each, ``(experts, in, out)`` when
-``is_transposed``, with ``gate_up_proj_bias``/``up_proj_bias``/``down_proj_bias``
-``(experts, out)`` when ``has_bias``. The module is called as ``experts(hidden_states
-(tokens, hidden), top_k_index (tokens, k), top_k_weights)``. These weights are most of
-such a model, and they are no ``nn.Linear``.
+parameters, in one of two layouts; these weights are most of such a model, and they are
+no ``nn.Linear``:
+
+- *routed by index*: the contract of transformers' ``use_experts_implementation``
+  (Mixtral, Qwen3-MoE, DeepSeek, gpt-oss, OLMoE, ...): ``gate_up_proj`` (``up_proj``
+  when ``has_gate`` is False) and ``down_proj``, ``(experts, out, in)`` each,
+  ``(experts, in, out)`` when ``is_transposed``, with ``gate_up_proj_bias``/
+  ``up_proj_bias``/``down_proj_bias`` ``(experts, out)`` when ``has_bias``; called as
+  ``experts(hidden_states (tokens, hidden), top_k_index (tokens, k), top_k_weights)``.
+- *stacked*: one tensor ``(experts * tokens, hidden)``, expert ``e``'s inputs in rows
+  ``e * tokens ... (e + 1) * tokens``, each token already multiplied by its router score
+  (so the rows of the tokens not routed to ``e`` are zero); ``gate_up_proj``
+  ``(experts, hidden, 2 * inner)``, gate columns first, ``down_proj``
+  ``(experts, inner, hidden)``, ``act_fn``; ``experts(x)`` is
+  ``(act_fn(x_e W_gate) * x_e W_up) W_down`` per expert (Llama 4). A module is taken as
+  stacked only if its shapes say so and one call of its own ``forward`` on a small input
+  gives exactly that (the answer is kept per module): a look-alike that computes
+  anything else stays dense, and ``prune_model``'s coverage warning says so.
 
 Wanda compares each output row of an expert with the norms of the inputs *that expert*
 received. While :func:`expert_linears` is active, each such module of a decoder layer
 holds one child per expert, ``<experts>.<e>``, with an ``nn.Linear`` per projection
 (``gate_up_proj`` or ``up_proj``, and ``down_proj``) whose weight is a view of the
 expert's slice: pruning it prunes the model. With :meth:`ExpertLinears.replay` on, a
-forward hook runs them after each call of the module on the tokens routed to each expert
-(its up projection, the module's own gate or activation, its down projection), once per
+forward hook runs them after each call of the module on each expert's tokens (the
+routed ones; in the stacked layout, its rows that are not zero, as the model scaled
+them), up projection, the module's own gate or activation, down projection, once per
 expert and call (with no rows for an expert that got no token), so that the pipeline's
 statistics hooks (input norms, ``X^T X``) see each expert's own inputs. The module's
 output is its own: the hook only reads. No names of models are involved.
@@ -24,7 +36,9 @@ output is its own: the hook only reads. No names of models are involved.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,18 +46,95 @@ from torch import nn
 __all__ = ["is_fused_experts", "expert_linears", "ExpertLinears"]
 
 
-def _up_name(module: nn.Module) -> str:
-    return "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
+@dataclass(frozen=True)
+class _Layout:
+    """How one fused-experts module stores its experts and hands them their tokens."""
+
+    up_name: str  # "gate_up_proj", or "up_proj" (no gate)
+    transposed: bool  # weights stored (experts, in, out)
+    stacked: bool  # called with (experts * tokens, hidden), else with (hidden_states, top_k_index, ...)
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    def inner(self, module: nn.Module, up: torch.Tensor) -> torch.Tensor:
+        """The down projection's input from the up projection's output."""
+        if self.stacked:
+            gate, up = up.chunk(2, dim=-1)
+            return module.act_fn(gate) * up
+        return module._apply_gate(up) if module.has_gate else module.act_fn(up)
+
+
+def _is_weight(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == 3 and t.is_floating_point()
+
+
+def _indexed_layout(module: nn.Module) -> _Layout | None:
+    """transformers' ``use_experts_implementation`` contract, read from the module's flags."""
+    if not isinstance(getattr(module, "is_transposed", None), bool) or not isinstance(getattr(module, "has_gate", None),
+                                                                                       bool):
+        return None
+    up_name = "gate_up_proj" if module.has_gate else "up_proj"
+    up, down = getattr(module, up_name, None), getattr(module, "down_proj", None)
+    if not (_is_weight(up) and _is_weight(down) and up.shape[0] == down.shape[0]):
+        return None
+    has_bias = getattr(module, "has_bias", False)
+    return _Layout(up_name, module.is_transposed, stacked=False,
+                   up_bias=getattr(module, f"{up_name}_bias", None) if has_bias else None,
+                   down_bias=getattr(module, "down_proj_bias", None) if has_bias else None)
+
+
+# Modules already probed for the stacked layout: module -> whether their forward computes it
+# (the answer depends on the class and the module's own attributes, which pruning does not change).
+_STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STACKED_LAYOUT = _Layout("gate_up_proj", transposed=True, stacked=True)
+
+
+def _stacked_layout(module: nn.Module) -> _Layout | None:
+    up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (_is_weight(up) and _is_weight(down) and callable(getattr(module, "act_fn", None))):
+        return None
+    experts, hidden, inner2 = up.shape
+    if down.shape != (experts, inner2 // 2, hidden) or inner2 % 2 or up.dtype != down.dtype:
+        return None
+    known = _STACKED.get(module)
+    if known is None:
+        known = _STACKED[module] = _forward_is_stacked(module)
+    return _STACKED_LAYOUT if known else None
+
+
+@torch.no_grad()
+def _forward_is_stacked(module: nn.Module) -> bool:
+    """Whether the module's own forward, on two random rows per expert, is the stacked layout's computation."""
+    up, down = module.gate_up_proj, module.down_proj
+    if up.is_meta or up.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return False
+    experts, hidden = up.shape[0], up.shape[1]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(experts * 2, hidden, generator=generator).to(device=up.device, dtype=up.dtype)
+    try:
+        out = type(module).forward(module, x)  # the class's forward, not __call__: no hooks run
+    except Exception:  # noqa: BLE001 - a forward that needs more than (x) is not this layout's
+        return False
+    if not isinstance(out, torch.Tensor) or out.shape != (experts * 2, down.shape[2]):
+        return False
+    ref = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    for e, rows in enumerate(x.float().split(2)):  # one expert's slice in fp32 at a time, not a copy of all
+        gate, lin = (rows @ up[e].float()).chunk(2, dim=-1)
+        ref[2 * e : 2 * e + 2] = (module.act_fn(gate) * lin) @ down[e].float()
+    # The same products summed in another order: within a few units of the dtype's rounding
+    # of the largest output (as _linear_like's probe); gate and up swapped, a missing
+    # activation or another scaling is off by far more.
+    tol = 2e-2 if up.element_size() == 2 else 1e-4
+    return bool((out.float() - ref).abs().max() <= tol * ref.abs().max() + 1e-6)
+
+
+def _layout(module: nn.Module) -> _Layout | None:
+    return _indexed_layout(module) or _stacked_layout(module)
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """A module of transformers' fused-experts contract (3-D ``gate_up_proj``/``up_proj`` and ``down_proj``)."""
-    if not isinstance(getattr(module, "is_transposed", None), bool) or not isinstance(getattr(module, "has_gate", None),
-                                                                                       bool):
-        return False
-    up, down = getattr(module, _up_name(module), None), getattr(module, "down_proj", None)
-    return (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.dim() == 3 and down.dim() == 3
-            and up.shape[0] == down.shape[0] and up.is_floating_point() and down.is_floating_point())
+    """A module holding experts in 3-D weights, in either layout of the module docstring."""
+    return _layout(module) is not None
 
 
 def _view_linear(weight: torch.Tensor, expert: int, transposed: bool, bias: torch.Tensor | None) -> nn.Linear:
@@ -78,34 +169,44 @@ class ExpertLinears:
         finally:
             self._replaying = False
 
-    def hook(self, units: list[nn.Module]):
+    def hook(self, layout: _Layout, units: list[nn.Module]) -> Callable:
         def run(module, args, kwargs, output):
             if not self._replaying:
                 return None
-            # (hidden_states, top_k_index, top_k_weights), by position or by any keyword names
-            hidden, index = [*args, *kwargs.values()][:2]
-            _run_experts(module, units, hidden, index)
+            # (hidden_states, top_k_index, top_k_weights) or (stacked,), by position or by any keyword names
+            inputs = [*args, *kwargs.values()]
+            split = _stacked_rows(inputs[0], len(units)) if layout.stacked else _routed_rows(*inputs[:2], len(units))
+            with torch.no_grad():
+                for unit, rows in zip(units, split):
+                    up = getattr(unit, layout.up_name)(rows)
+                    unit.down_proj(layout.inner(module, up))
             return None
 
         return run
 
 
-@torch.no_grad()
-def _run_experts(module: nn.Module, units: list[nn.Module], hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
-    """Each expert's up and down projection on the tokens routed to it (one read-back per call)."""
+def _routed_rows(hidden: torch.Tensor, top_k_index: torch.Tensor, experts: int) -> Iterator[torch.Tensor]:
+    """Each expert's routed tokens ``(count, hidden)``, from the token-expert pairs (one read-back)."""
     x = hidden.reshape(-1, hidden.shape[-1])
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
-    # Token-expert pairs sorted by expert (ids >= len(units), expert-parallel sentinels, last).
+    # Token-expert pairs sorted by expert (ids >= experts, expert-parallel sentinels, last).
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=len(units))[: len(units)].tolist()
     start = 0
-    for unit, count in zip(units, counts):
-        rows = x.index_select(0, order[start : start + count] // k)
+    for count in torch.bincount(flat, minlength=experts)[:experts].tolist():
+        yield x.index_select(0, order[start : start + count] // k)
         start += count
-        up = getattr(unit, _up_name(module))(rows)
-        inner = module._apply_gate(up) if module.has_gate else module.act_fn(up)
-        unit.down_proj(inner)
+
+
+def _stacked_rows(stacked: torch.Tensor, experts: int) -> Iterator[torch.Tensor]:
+    """Each expert's block of rows without its zero rows (tokens not routed there; one read-back)."""
+    x = stacked.reshape(-1, stacked.shape[-1])
+    kept = x.ne(0).any(dim=-1).reshape(experts, -1)  # (experts, tokens)
+    rows = kept.reshape(-1).nonzero().squeeze(1)  # ascending: expert by expert
+    start = 0
+    for count in kept.sum(dim=1).tolist():
+        yield x.index_select(0, rows[start : start + count])
+        start += count
 
 
 @contextlib.contextmanager
@@ -120,25 +221,22 @@ def expert_linears(block: nn.Module) -> Iterator[ExpertLinears]:
     handles = []
     try:
         for name, module in list(block.named_modules()):
-            if not is_fused_experts(module):
+            layout = _layout(module)
+            if layout is None:
                 continue
-            up_name, transposed = _up_name(module), module.is_transposed
-            up, down = getattr(module, up_name), module.down_proj
-            has_bias = getattr(module, "has_bias", False)
-            up_bias = getattr(module, f"{up_name}_bias", None) if has_bias else None
-            down_bias = getattr(module, "down_proj_bias", None) if has_bias else None
+            up, down = getattr(module, layout.up_name), module.down_proj
             units, children = [], []
             for expert in range(up.shape[0]):
                 unit = nn.Module()
-                unit.add_module(up_name, _view_linear(up, expert, transposed, up_bias))
-                unit.add_module("down_proj", _view_linear(down, expert, transposed, down_bias))
+                unit.add_module(layout.up_name, _view_linear(up, expert, layout.transposed, layout.up_bias))
+                unit.add_module("down_proj", _view_linear(down, expert, layout.transposed, layout.down_bias))
                 module.add_module(str(expert), unit)
                 children.append(str(expert))
                 units.append(unit)
                 prefix = f"{name}.{expert}" if name else str(expert)
-                found.names += [f"{prefix}.{up_name}", f"{prefix}.down_proj"]
+                found.names += [f"{prefix}.{layout.up_name}", f"{prefix}.down_proj"]
             attached.append((module, children))
-            handles.append(module.register_forward_hook(found.hook(units), with_kwargs=True))
+            handles.append(module.register_forward_hook(found.hook(layout, units), with_kwargs=True))
         yield found
     finally:
         for handle in handles:
