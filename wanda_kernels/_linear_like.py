@@ -13,12 +13,13 @@ PhiMoE's routers return routing decisions, quantized layers dequantize first.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["is_conv1d", "is_linear_like", "computes_linear", "linear_weight", "linear_features"]
+__all__ = ["is_conv1d", "is_linear_like", "computes_linear", "forward_matches", "linear_weight", "linear_features"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -58,25 +59,40 @@ def computes_linear(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _forward_is_f_linear(module: nn.Linear) -> bool:
-    weight, bias = module.weight, module.bias
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.is_meta \
-            or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+def forward_matches(module: nn.Module, like: torch.Tensor, x_shape: tuple[int, ...],
+                    reference: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether ``type(module).forward(module, x)`` is ``reference(x)`` for a seeded random ``x``.
+
+    ``x`` has shape ``x_shape`` and ``like``'s device and dtype (a weight of the module);
+    ``reference`` gets it in fp32 and returns the fp32 result. The class's forward is
+    called, not ``module(...)``: no hooks run. A weight on the meta device or of another
+    dtype than fp16/bf16/fp32/fp64, a forward that fails or returns anything but a tensor
+    of the reference's shape: False.
+    """
+    if like.is_meta or like.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return False
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(3, weight.shape[1], generator=generator).to(device=weight.device, dtype=weight.dtype)
+    x = torch.randn(x_shape, generator=generator).to(device=like.device, dtype=like.dtype)
     try:
-        out = type(module).forward(module, x)  # the class's forward, not __call__: no hooks run
-    except Exception:  # noqa: BLE001 - a forward that needs more than (x) is not a linear layer's
+        out = type(module).forward(module, x)
+    except Exception:  # noqa: BLE001 - a forward that needs more than (x) does not compute reference(x)
         return False
-    if not isinstance(out, torch.Tensor) or out.shape != (3, weight.shape[0]):
+    ref = reference(x.float())
+    if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
         return False
-    ref = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     # The same products summed in another order: within a few units of the dtype's
     # rounding of the largest output (0.02 for fp16/bf16 is ~10 of bf16's units); any
-    # other computation (scaled, clamped, renormalised, transposed) is off by far more.
-    tol = 2e-2 if weight.element_size() == 2 else 1e-4
+    # other computation (scaled, clamped, renormalised, transposed, swapped) is off by far more.
+    tol = 2e-2 if like.element_size() == 2 else 1e-4
     return bool((out.float() - ref).abs().max() <= tol * ref.abs().max() + 1e-6)
+
+
+def _forward_is_f_linear(module: nn.Linear) -> bool:
+    weight, bias = module.weight, module.bias
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return False
+    return forward_matches(module, weight, (3, weight.shape[1]),
+                           lambda x: F.linear(x, weight.float(), None if bias is None else bias.float()))
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

@@ -508,12 +508,14 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
 
         experts = {n: m for n, m in layer.named_modules()
                    if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor) and m.gate_up_proj.dim() == 3}
+        # Llama 4's layout has none of Mixtral's flags; its weights are stored (experts, in, out)
+        stacked = {n: not hasattr(m, "is_transposed") for n, m in experts.items()}
 
-        def record_experts(name, sums):
+        def record_experts(name, sums, is_stacked):
             def hook(mod, args):
                 x = args[0].reshape(-1, args[0].shape[-1])
                 for e in range(mod.gate_up_proj.shape[0]):
-                    if len(args) == 1:  # Llama 4's: expert e's block of the stacked rows, its nonzero ones
+                    if is_stacked:  # expert e's block of the stacked rows, its nonzero ones
                         block = x.reshape(mod.gate_up_proj.shape[0], -1, x.shape[-1])[e]
                         routed = block[block.abs().sum(dim=-1) > 0]
                         gate, up = (routed @ mod.gate_up_proj[e]).chunk(2, dim=-1)
@@ -526,16 +528,15 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
             return hook
 
         handles = [m.register_forward_pre_hook(record(n, sums)) for n, m in linears.items()]
-        handles += [m.register_forward_pre_hook(record_experts(n, sums)) for n, m in experts.items()]
+        handles += [m.register_forward_pre_hook(record_experts(n, sums, stacked[n])) for n, m in experts.items()]
         for j in range(h.shape[0]):
             layer(h[j : j + 1], **layer_kwargs)
         for handle in handles:
             handle.remove()
         weights = {name: module.weight.data for name, module in linears.items()}
         for name, module in experts.items():
-            stacked = not hasattr(module, "is_transposed")  # Llama 4's weights are stored (experts, in, out)
             for e in range(module.gate_up_proj.shape[0]):
-                weights.update({(name, e, part): getattr(module, part).data[e].t() if stacked
+                weights.update({(name, e, part): getattr(module, part).data[e].t() if stacked[name]
                                 else getattr(module, part).data[e] for part in ("gate_up_proj", "down_proj")})
         for name, weight in weights.items():
             norms = torch.stack(sums[name]).double().sum(dim=0).float().sqrt() if metric == "wanda" else None

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._linear_like import forward_matches
+
 __all__ = ["is_fused_experts", "expert_linears", "ExpertLinears"]
 
 
@@ -102,30 +104,18 @@ def _stacked_layout(module: nn.Module) -> _Layout | None:
     return _STACKED_LAYOUT if known else None
 
 
-@torch.no_grad()
 def _forward_is_stacked(module: nn.Module) -> bool:
     """Whether the module's own forward, on two random rows per expert, is the stacked layout's computation."""
     up, down = module.gate_up_proj, module.down_proj
-    if up.is_meta or up.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return False
-    experts, hidden = up.shape[0], up.shape[1]
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(experts * 2, hidden, generator=generator).to(device=up.device, dtype=up.dtype)
-    try:
-        out = type(module).forward(module, x)  # the class's forward, not __call__: no hooks run
-    except Exception:  # noqa: BLE001 - a forward that needs more than (x) is not this layout's
-        return False
-    if not isinstance(out, torch.Tensor) or out.shape != (experts * 2, down.shape[2]):
-        return False
-    ref = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-    for e, rows in enumerate(x.float().split(2)):  # one expert's slice in fp32 at a time, not a copy of all
-        gate, lin = (rows @ up[e].float()).chunk(2, dim=-1)
-        ref[2 * e : 2 * e + 2] = (module.act_fn(gate) * lin) @ down[e].float()
-    # The same products summed in another order: within a few units of the dtype's rounding
-    # of the largest output (as _linear_like's probe); gate and up swapped, a missing
-    # activation or another scaling is off by far more.
-    tol = 2e-2 if up.element_size() == 2 else 1e-4
-    return bool((out.float() - ref).abs().max() <= tol * ref.abs().max() + 1e-6)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        ref = x.new_empty(x.shape[0], down.shape[2])
+        for e, rows in enumerate(x.split(2)):  # one expert's slice in fp32 at a time, not a copy of all
+            gate, lin = (rows @ up[e].float()).chunk(2, dim=-1)
+            ref[2 * e : 2 * e + 2] = (module.act_fn(gate) * lin) @ down[e].float()
+        return ref
+
+    return forward_matches(module, up, (up.shape[0] * 2, up.shape[1]), reference)
 
 
 def _layout(module: nn.Module) -> _Layout | None:
