@@ -85,6 +85,8 @@ def workspace(tmp_path):
     (tmp_path / "latin1.txt").write_bytes(b"Hello \xd0 world, " * 50)
     (tmp_path / "no_config").mkdir()
     (tmp_path / "no_config" / "weights.bin").write_bytes(b"\0")
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text('{"model_type": "t5"}')
     return tmp_path
 
 
@@ -122,6 +124,9 @@ BAD_INPUTS = [
      r"error: --model: model directory .*/no_config exists but has no config\.json"),
     (["prune", "--output", "{ws}/new", "--model", "{ws}/a_file"], r"error: --model: model .*/a_file is a file, not "
                                                                   r"a folder"),
+    (["prune", "--output", "{ws}/new", "--model", "{ws}/t5"],
+     r"error: --model: a 't5' model \(T5Config\) is neither a causal language model nor a vision-language model"),
+    (["eval", "--model", "{ws}/t5"], r"error: --model: a 't5' model \(T5Config\) is neither"),
     (["eval", "--device", "tpu"], r"error: --device tpu: not a device"),
     (["eval", "--text", "{ws}/latin1.txt"], r"error: --text: text file .*/latin1\.txt is not UTF-8 text"),
     (["eval", "--eval-tokens", "-5"], r"error: --eval-tokens must be positive; got -5"),
@@ -378,6 +383,43 @@ def test_prune_compressed_of_a_mixture_of_experts_model(family, text_file, tmp_p
     for name, w in experts.items():
         w = w.transpose(-1, -2) if family == "llama4" else w  # (..., out, in)
         assert (w.reshape(*w.shape[:-1], -1, 4) != 0).sum(-1).le(2).all(), name  # 2:4 along the inputs
+    _compressed_and_dense_agree(out, text_file)
+
+
+def test_prune_compressed_of_a_vision_language_model_keeps_its_vision_encoder_and_processor(text_file, tmp_path):
+    # AutoModelForCausalLM refuses LLaVA's config: the command failed. Now its language
+    # model is pruned, and both checkpoints hold the vision encoder (as it was) and the
+    # processor, so the output is the whole model, ready for images.
+    tok = transformers.AutoTokenizer.from_pretrained(_assets_or_skip())
+    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    source = transformers.AutoModelForImageTextToText.from_config(
+        transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=5))
+    model_dir = tmp_path / "tiny-llava"
+    source.save_pretrained(model_dir)
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28},
+                                                      crop_size={"height": 28, "width": 28})
+    transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                                vision_feature_select_strategy="default").save_pretrained(model_dir)
+    processor_file = model_dir / "processor_config.json"
+    assert processor_file.is_file()
+    out = tmp_path / "out"
+    proc, layers = _prune_compressed(model_dir, text_file, out)
+    assert "pruned 2 decoder layers" in proc.stdout
+    assert sorted(layers) == sorted(f"model.language_model.layers.{i}.{p}" for i in range(2) for p in (
+        *(f"self_attn.{x}_proj" for x in "qkvo"), *(f"mlp.{x}_proj" for x in ("gate", "up", "down"))))
+    for folder in (out, out / "compressed"):
+        assert (folder / processor_file.name).read_bytes() == processor_file.read_bytes()
+        assert type(transformers.AutoProcessor.from_pretrained(folder)).__name__ == "LlavaProcessor"
+    reloaded = transformers.AutoModelForImageTextToText.from_pretrained(out)
+    assert type(reloaded) is type(source)
+    vision_weights = [n for n, _ in source.named_parameters() if not n.startswith("model.language_model.")]
+    assert any(".vision_tower." in n for n in vision_weights)
+    for n in vision_weights:
+        assert torch.equal(reloaded.get_parameter(n), source.get_parameter(n)), n
     _compressed_and_dense_agree(out, text_file)
 
 

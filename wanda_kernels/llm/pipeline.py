@@ -127,17 +127,47 @@ def prunable_weights(block: nn.Module) -> dict[str, torch.Tensor]:
         return {name: linear_weight(mod) for name, mod in linear_layers(block).items()}
 
 
+def _embedding_ancestors(model: nn.Module) -> list[str]:
+    """The names (each with a trailing dot; ``""`` for ``model``) of the modules that hold
+    ``model``'s input embeddings, innermost first; ``[""]`` when it has none."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return [""]
+    name = next((n for n, m in model.named_modules() if m is embeddings), "")
+    parts = name.split(".")[:-1]
+    return [".".join(parts[:i]) + "." for i in range(len(parts), 0, -1)] + [""]
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The largest ModuleList of same-type blocks that contain linear layers."""
-    best = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(b) for b in mod}) == 1 \
-                and linear_layers(mod[0]) and (best is None or len(mod) > len(best[1])):
-            best = (name, mod)
-    if best is None:
-        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder layers holding linear layers; "
-                         "prune_model works on decoder-only models such as LLaMA, Mistral, Qwen2, OPT, GPT-2")
-    return best
+    """The largest ModuleList of same-type blocks that contain linear layers, in the innermost
+    module that holds both it and the input embeddings (a vision-language model's language
+    model, not its vision encoder, however many blocks that has), and not inside another
+    such list's blocks (a layer's experts).
+
+    Raises:
+        ValueError: no such list, or the innermost list of blocks around the embeddings
+            mixes kinds of blocks (Mllama's self- and cross-attention layers): named.
+    """
+    lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0
+             and any(linear_layers(b) for b in mod)]
+    # A list inside another's blocks (a mixture's experts as a ModuleList of MLPs, in older
+    # transformers) is part of a layer, however many experts it holds.
+    lists = [(name, mod) for name, mod in lists if not any(name.startswith(outer + ".") for outer, _ in lists)]
+    mixed = None
+    for prefix in _embedding_ancestors(model):
+        inside = [(name, mod) for name, mod in lists if name.startswith(prefix)]
+        same = [(name, mod) for name, mod in inside if len({type(b) for b in mod}) == 1]
+        if same:
+            return max(same, key=lambda item: len(item[1]))  # the first of the largest
+        if inside:  # the blocks around the embeddings are of several kinds: not a vision encoder's instead
+            name, mod = inside[0]
+            mixed = f"; {name} mixes kinds of blocks ({', '.join(sorted({type(b).__name__ for b in mod}))}), " \
+                    "which prune_model does not take"
+            break
+    raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder layers of one kind holding linear "
+                     f"layers{mixed or ''}; prune_model works on decoder-only language models such as LLaMA, "
+                     "Mistral, Qwen2, OPT, GPT-2, and on the language model of vision-language models")
 
 
 def _to(obj, device):
