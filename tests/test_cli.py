@@ -239,6 +239,16 @@ def test_eval_names_a_damaged_file(pruned, tmp_path, damaged):
                               rf".*wanda_kernels\.json")
 
 
+def test_prune_of_a_damaged_pruned_checkpoint_names_the_file_and_writes_nothing(pruned, tmp_path):
+    # Pruning a checkpoint further (say 2:4, then more) starts from verified weights.
+    target = _copy(pruned, tmp_path / "out")
+    file = target / "config.json"
+    file.write_text(file.read_text().replace('"hidden_size": 64', '"hidden_size": 65'))
+    proc = _cli("prune", "--model", target, "--nsamples", "2", "--seqlen", "16", "--output", tmp_path / "again")
+    _assert_usage_error(proc, rf"{re.escape(str(file))} is damaged: its sha256 differs")
+    assert not (tmp_path / "again").exists()
+
+
 def test_eval_names_a_missing_file(pruned, tmp_path):
     target = _copy(pruned, tmp_path / "out")
     (target / "compressed" / "model.safetensors").unlink()
