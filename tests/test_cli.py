@@ -315,12 +315,15 @@ def test_prune_with_every_nm_switch_and_its_compressed_checkpoint(model_dir, tex
     _compressed_and_dense_agree(out, text_file)
 
 
-def _tiny_model_folder(tmp_path, config_cls, **config):
-    """A random model of ``config_cls`` with the built-in tokenizer, saved as a Hugging Face folder."""
+def _tiny_model_folder(tmp_path, config_cls, auto=transformers.AutoModelForCausalLM, **config):
+    """A random model of ``config_cls`` (built by ``auto``) with the built-in tokenizer, saved
+    as a Hugging Face folder; ``config``'s ``text_config`` gets the tokenizer's vocabulary too."""
     tok = transformers.AutoTokenizer.from_pretrained(_assets_or_skip())
     torch.manual_seed(0)
     folder = tmp_path / f"tiny-{config_cls.__name__}"
-    transformers.AutoModelForCausalLM.from_config(config_cls(vocab_size=len(tok), **config)).save_pretrained(folder)
+    if "text_config" in config:
+        config["text_config"] = {**config["text_config"], "vocab_size": len(tok)}
+    auto.from_config(config_cls(vocab_size=len(tok), **config)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
@@ -400,16 +403,14 @@ def test_prune_compressed_of_a_vision_language_model_keeps_its_vision_encoder_an
     # AutoModelForCausalLM refuses LLaVA's config: the command failed. Now its language
     # model is pruned, and both checkpoints hold the vision encoder (as it was) and the
     # processor, so the output is the whole model, ready for images.
-    tok = transformers.AutoTokenizer.from_pretrained(_assets_or_skip())
-    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    text = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=28,
                   patch_size=14)
-    torch.manual_seed(0)
-    source = transformers.AutoModelForImageTextToText.from_config(
-        transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=5))
-    model_dir = tmp_path / "tiny-llava"
-    source.save_pretrained(model_dir)
+    model_dir = _tiny_model_folder(tmp_path, transformers.LlavaConfig, auto=transformers.AutoModelForImageTextToText,
+                                   text_config=text, vision_config=vision, image_token_index=5)
+    source = transformers.AutoModelForImageTextToText.from_pretrained(model_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28},
                                                       crop_size={"height": 28, "width": 28})
     transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,

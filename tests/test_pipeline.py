@@ -49,9 +49,10 @@ def pruned_weights(model):
     return {f"{i}.{n}": w for i, layer in enumerate(layers) for n, w in pipeline.prunable_weights(layer).items()}
 
 
-def first_layer_inputs(model, calib):
-    """The first decoder layer's inputs (one row per sample) and keyword arguments, from a
-    plain hook of the test's own (the reference loop's starting point)."""
+def first_layer_inputs(model, calib, layer=None):
+    """The first decoder layer's (``layer``'s; default ``model.model.layers[0]``) inputs
+    (one row per sample) and keyword arguments, from a plain hook of the test's own (the
+    reference loop's starting point)."""
     captured = {}
 
     def grab(module, args, kwargs):
@@ -59,7 +60,7 @@ def first_layer_inputs(model, calib):
         captured.setdefault("kw", kwargs)
         raise StopIteration
 
-    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = (model.model.layers[0] if layer is None else layer).register_forward_pre_hook(grab, with_kwargs=True)
     for row in calib:
         with pytest.raises(StopIteration), torch.no_grad():
             model(row[None], use_cache=False)

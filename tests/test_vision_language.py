@@ -14,7 +14,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from test_pipeline import calib_ids  # noqa: E402
+from test_pipeline import calib_ids, first_layer_inputs  # noqa: E402
 
 from wanda_kernels import reference  # noqa: E402
 from wanda_kernels.llm import checkpoint, models, pipeline  # noqa: E402
@@ -86,29 +86,12 @@ def test_prune_model_prunes_the_language_model_and_leaves_the_vision_encoder(fam
             assert torch.equal(p, outside[n]), n  # vision encoder, projector, embeddings: untouched
 
 
-def _first_layer_inputs(model, layer, calib):
-    """``layer``'s inputs (one row per sample) and keyword arguments, from a plain hook."""
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured.setdefault("x", []).append(args[0] if args else kwargs["hidden_states"])
-        captured.setdefault("kw", {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")})
-        raise StopIteration
-
-    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
-    for row in calib:
-        with pytest.raises(StopIteration), torch.no_grad():
-            model(row[None], use_cache=False)
-    handle.remove()
-    return torch.cat(captured["x"]), captured["kw"]
-
-
 def test_a_vision_language_model_prunes_like_its_language_model_alone():
     # LLaVA's language model is a LlamaModel: the bits are the reference loop's on its layers.
     model = tiny_vlm("llava")
     twin = copy.deepcopy(model)
     calib = calib_ids(n=6)
-    x, kw = _first_layer_inputs(twin, twin.model.language_model.layers[0], calib)
+    x, kw = first_layer_inputs(twin, calib, twin.model.language_model.layers[0])
     reference.sequential_prune(twin.model.language_model.layers, x, kw, pattern="2:4")
     pipeline.prune_model(model, calib, pattern="2:4", progress=False)
     for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):

@@ -7,8 +7,10 @@
    magnitude), prune its linear layers, then run it again so the next layer sees the
    outputs of the pruned layer.
 
-The decoder layers are found as the model's largest ``nn.ModuleList`` of identical
-blocks that hold linear layers, and their keyword arguments (attention mask, position
+The decoder layers are found as the largest ``nn.ModuleList`` of identical blocks that
+hold linear layers in the innermost module around the token embeddings (a
+vision-language model's language model, not its vision encoder), not inside another
+list's blocks (:func:`find_decoder_layers`), and their keyword arguments (attention mask, position
 ids, ``position_embeddings``...) are whatever the model passed to its first layer:
 no model-name checks. Only linear layers inside decoder layers are pruned
 (``nn.Linear`` and its subclasses that compute the same, such as Falcon's, not routers;
