@@ -267,9 +267,9 @@ def test_truncated_smollm2_equals_reference_loop(smol):
     model = copy.deepcopy(model)
     twin = copy.deepcopy(model)
     calib = calib[:4, :64]
-    inputs, kwargs = pipeline.capture_layer_inputs(twin, twin.model.layers[0], calib)
+    inputs, calls = pipeline.capture_layer_inputs(twin, twin.model.layers, calib)
     assert torch.equal(inputs, twin.model.embed_tokens(calib))
-    reference.sequential_prune(twin.model.layers, inputs, kwargs, pattern="2:4")
+    reference.sequential_prune(twin.model.layers, inputs, [(c.args, c.kwargs) for c in calls], pattern="2:4")
     pipeline.prune_model(model, calib, pattern="2:4", progress=False)
     for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
         assert torch.equal(a, b), name

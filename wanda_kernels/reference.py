@@ -464,7 +464,7 @@ def nm_permutation(scores: torch.Tensor, n: int, m: int, rounds: int = 1) -> tor
 
 
 @torch.no_grad()
-def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity: float | None = 0.5, *,
+def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict | list, sparsity: float | None = 0.5, *,
                      pattern: str = "unstructured", metric: str = "wanda", scope: str = "row") -> torch.Tensor:
     """Reference of :func:`wanda_kernels.prune_model` for ``nn.Linear`` layers, in place.
 
@@ -486,15 +486,19 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
     Args:
         layers: the decoder layers, in order.
         inputs: ``(nsamples, seqlen, hidden)``: the first layer's inputs.
-        layer_kwargs: the keyword arguments every layer call takes.
+        layer_kwargs: the keyword arguments every layer call takes; or a list of one
+            ``(args, kwargs)`` per layer: the positional arguments after the hidden
+            states and the keyword arguments that layer takes.
 
     Returns:
         The last layer's outputs for the pruned model.
     """
     if sparsity is None:
         sparsity = 0.5
+    if isinstance(layer_kwargs, dict):
+        layer_kwargs = [((), layer_kwargs)] * len(layers)
     h = inputs
-    for layer in layers:
+    for layer, (layer_args, kwargs) in zip(layers, layer_kwargs, strict=True):
         # (a subclass with a forward of its own, such as Llama 4's router, is not a linear layer)
         linears = {n: m for n, m in layer.named_modules()
                    if isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward}
@@ -530,7 +534,7 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
         handles = [m.register_forward_pre_hook(record(n, sums)) for n, m in linears.items()]
         handles += [m.register_forward_pre_hook(record_experts(n, sums, stacked[n])) for n, m in experts.items()]
         for j in range(h.shape[0]):
-            layer(h[j : j + 1], **layer_kwargs)
+            layer(h[j : j + 1], *layer_args, **kwargs)
         for handle in handles:
             handle.remove()
         weights = {name: module.weight.data for name, module in linears.items()}
@@ -544,6 +548,6 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict, sparsity:
                 norms = torch.ones_like(norms)  # an expert no token reached: by magnitude
             pruned, _ = prune(weight, norms, sparsity, pattern=pattern, metric=metric, scope=scope)
             weight.copy_(pruned)
-        outs = [layer(h[j : j + 1], **layer_kwargs) for j in range(h.shape[0])]
+        outs = [layer(h[j : j + 1], *layer_args, **kwargs) for j in range(h.shape[0])]
         h = torch.cat([o[0] if isinstance(o, (tuple, list)) else o for o in outs])
     return h

@@ -1,7 +1,8 @@
 """prune_model: the paper's sequential layer-by-layer pruning of a decoder-only LLM.
 
-1. Capture the inputs (and keyword arguments) of the first decoder layer for the
-   calibration batch, with a forward pre-hook that stops the model right there.
+1. Capture the inputs of the first decoder layer for the calibration batch, with a
+   forward pre-hook that stops the model right there, and the arguments the model's
+   loop gives each decoder layer (:mod:`.layer_calls`).
 2. For each decoder layer in order: run it on its inputs while collecting what the
    method needs (input norms for Wanda, Hessians for SparseGPT, nothing for
    magnitude), prune its linear layers, then run it again so the next layer sees the
@@ -10,9 +11,9 @@
 The decoder layers are found as the largest ``nn.ModuleList`` of identical blocks that
 hold linear layers in the innermost module around the token embeddings (a
 vision-language model's language model, not its vision encoder), not inside another
-list's blocks (:func:`find_decoder_layers`), and their keyword arguments (attention mask, position
-ids, ``position_embeddings``...) are whatever the model passed to its first layer:
-no model-name checks. Only linear layers inside decoder layers are pruned
+list's blocks (:func:`find_decoder_layers`), and each is called with the arguments
+(attention mask, position ids, ``position_embeddings``...) the model passed it: no
+model-name checks. Only linear layers inside decoder layers are pruned
 (``nn.Linear`` and its subclasses that compute the same, such as Falcon's, not routers;
 and GPT-2's ``Conv1D``, whose transposed weight is pruned as a view), and the experts of
 mixture-of-experts blocks that transformers stores fused in 3-D parameters, each
@@ -52,6 +53,7 @@ from . import owl as owl_alloc
 from .distributed import Shard, current_shard
 from .dsnot import dsnot_refine
 from .experts import ExpertLinears, expert_linears
+from .layer_calls import LayerCall, capture_layer_inputs, run_layer
 from .permute import FOLDS, fold_, head_permutation, nm_permutation, score_matrix
 from .sparsegpt import collect_hessians, sparsegpt_prune_
 
@@ -104,10 +106,6 @@ class PruneReport:
         out = asdict(self)
         out["permutations"] = sorted(self.permutations)
         return out
-
-
-class _StopForward(Exception):
-    pass
 
 
 # Below this share of the decoder layers' weights in pruned layers, prune_model warns: the
@@ -172,16 +170,6 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                      "Mistral, Qwen2, OPT, GPT-2, and on the language model of vision-language models")
 
 
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 def _first_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -199,42 +187,6 @@ def _onloaded(layer: nn.Module, device: torch.device | None):
     yield work
     if work != home:
         layer.to(home)
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, layer: nn.Module, calib: torch.Tensor, device=None):
-    """Run ``model`` on each calibration row until ``layer``: its inputs and keyword arguments.
-
-    Returns ``(inputs (nsamples, seqlen, hidden) in the layer's dtype on `device`, kwargs)``.
-    """
-    inputs, kwargs_seen = [], {}
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        inputs.append(hidden.detach().to(device) if device is not None else hidden.detach())
-        if not kwargs_seen:
-            kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _StopForward
-
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        embed_device = model.get_input_embeddings().weight.device
-        for row in calib:
-            try:
-                model(row[None].to(embed_device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    if len(inputs) != len(calib):
-        raise RuntimeError(f"the decoder layer saw {len(inputs)} of {len(calib)} calibration inputs")
-    kwargs_seen.pop("past_key_values", None)
-    kwargs_seen.pop("past_key_value", None)
-    return torch.cat(inputs, dim=0), kwargs_seen
-
-
-def _layer_out(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 # -- the methods: what each collects from a decoder layer's calibration run, and how it prunes one linear
@@ -470,16 +422,17 @@ def prune_model(
                          options=dict(metric=spec.metric, owl=owl, permute=permute, dsnot=dsnot,
                                       **(dict(owl_lambda=owl_lambda, owl_m=owl_m) if owl else {})),
                          pruned_weight_fraction=covered)
-    inps = kwargs = None
+    inps = calls = None
     if chosen.collect is not None or owl:
         t0 = time.perf_counter()
-        with shard.step("capturing the first decoder layer's inputs"):
-            inps, kwargs = capture_layer_inputs(model, layers[0], calib[shard.start : shard.stop], device)
+        with shard.step("capturing the first decoder layer's inputs and every layer's arguments"):
+            inps, calls = capture_layer_inputs(model, layers, calib[shard.start : shard.stop], device,
+                                               warn=shard.is_main)
         report.forward_seconds += time.perf_counter() - t0
     targets = [spec.sparsity] * len(layers)
     if owl:
         t0 = time.perf_counter()
-        ratios = _outlier_ratios(layers, inps, kwargs, device, backend, shard, owl_m, progress and shard.is_main)
+        ratios = _outlier_ratios(layers, inps, calls, device, backend, shard, owl_m, progress and shard.is_main)
         sizes = [sum(w.numel() for w in prunable_weights(layer).values()) for layer in layers]
         targets = owl_alloc.layer_sparsities(ratios, spec.sparsity, owl_lambda, sizes)
         report.layer_targets = targets
@@ -501,8 +454,8 @@ def prune_model(
             if chosen.collect is not None:
                 t0 = time.perf_counter()
                 with shard.step(f"calibrating decoder layer {index}"):
-                    inps, kw = inps.to(work), _to(kwargs, work)
-                    run = _replaying(experts, functools.partial(_run_layer, layer, inps, kw))
+                    inps, call = inps.to(work), calls[index].to(work)
+                    run = _replaying(experts, functools.partial(run_layer, layer, inps, call))
                     stats = chosen.collect(layer, linears, run, backend)
                     _synchronize(work)
                 report.forward_seconds += time.perf_counter() - t0
@@ -540,7 +493,7 @@ def prune_model(
             if chosen.collect is not None:
                 t0 = time.perf_counter()
                 with shard.step(f"running pruned decoder layer {index}"):
-                    inps = _run_layer(layer, inps, kw)  # the next layer sees the pruned layer's outputs
+                    inps = run_layer(layer, inps, call)  # the next layer sees the pruned layer's outputs
                     _synchronize(work)
                 report.forward_seconds += time.perf_counter() - t0
             layer_report = LayerReport(index=index, seconds=time.perf_counter() - t_layer, sparsity={})
@@ -641,16 +594,17 @@ def _permute_layer(layer: nn.Module, linears: dict[str, nn.Module], stats: dict,
 
 
 @torch.no_grad()
-def _outlier_ratios(layers, inps, kwargs, device, backend: str, shard: Shard, m: float, progress: bool) -> list[float]:
+def _outlier_ratios(layers, inps, calls: list[LayerCall], device, backend: str, shard: Shard, m: float,
+                    progress: bool) -> list[float]:
     """OWL's calibration pass: each dense decoder layer's share of outlier Wanda scores, layer by layer."""
     ratios = []
     for index, layer in enumerate(progress_bar(layers, progress, "OWL outlier ratios")):
         with _onloaded(layer, device) as work, expert_linears(layer) as experts:
             linears = linear_layers(layer)
             with shard.step(f"OWL: measuring decoder layer {index}"):
-                inps, kw = inps.to(work), _to(kwargs, work)
+                inps, call = inps.to(work), calls[index].to(work)
                 out: list[torch.Tensor] = []  # the layer's outputs: the next layer's inputs
-                run = _replaying(experts, functools.partial(_run_into, out, layer, inps, kw))
+                run = _replaying(experts, functools.partial(_run_into, out, layer, inps, call))
                 norms = _combine_norms(_collect_norms(layer, linears, run, backend), shard)
                 ratios.append(owl_alloc.outlier_ratio(
                     [linear_weight(mod).abs().float() * norms[name][None, :] for name, mod in linears.items()], m))
@@ -731,14 +685,5 @@ def _to_host(scalars: list[torch.Tensor]) -> list:
     return out
 
 
-def _run_into(out: list, layer, inps, kwargs) -> None:
-    out.append(_run_layer(layer, inps, kwargs))
-
-
-@torch.no_grad()
-def _run_layer(layer, inps, kwargs):
-    out = torch.empty_like(inps)
-    for j in range(inps.shape[0]):
-        out[j : j + 1] = _layer_out(layer(inps[j : j + 1], **kwargs))
-    return out
-
+def _run_into(out: list, layer, inps, call: LayerCall) -> None:
+    out.append(run_layer(layer, inps, call))

@@ -1,0 +1,216 @@
+"""What a model passes its decoder layers: the first layer's calibration inputs, and each layer's own arguments.
+
+``prune_model`` runs the decoder layers one at a time, outside the model's forward, so
+it must call each layer as the model's own loop would. Besides the hidden states, that
+loop gives a layer arguments that depend only on the token positions, not on the hidden
+states: the attention mask, position ids, rotary ``position_embeddings``... and these
+differ from layer to layer in many current models: Gemma 2 and 3, gpt-oss, Cohere 2 and
+OLMo 3 alternate sliding-window and full attention (each kind gets its own mask, and
+Gemma 3 its own rotary base), Llama 4 alternates chunked and full attention, and hybrid
+models give linear-attention layers a different mask. Calling every layer with its
+first layer's arguments runs the full-attention layers with a sliding window's mask and
+computes their statistics, and every later layer's inputs, from activations the model
+never produces (silently: the shapes agree).
+
+:func:`capture_layer_inputs` therefore records, with one extra forward of the first
+calibration sample, the arguments the model's loop gives each layer
+(:class:`LayerCall`): it swaps every decoder layer for a stand-in that records its
+arguments and hands its hidden states on unchanged (so no layer computes anything), and
+stops the forward at the last one. The first layer's inputs for every sample come from a
+forward pre-hook that stops each forward there. :func:`run_layer` calls a layer with its
+own arguments.
+
+No model-name checks: a model whose loop does not take the stand-ins' outputs (neither a
+tensor nor a 1-tuple, the two forms transformers' layers return) gets every layer called
+with its first layer's arguments, with a warning, as before this module existed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._warn import warn_external
+
+__all__ = ["LayerCall", "capture_layer_inputs", "run_layer"]
+
+# Arguments that hold a cache: the decoder layers run outside the model, once per sample,
+# so no cache may carry state from one call to the next.
+_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "cache", "cache_params")
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """What the model's loop passes one decoder layer besides its hidden states.
+
+    ``args``: the positional arguments after the hidden states (RecurrentGemma passes
+    its position ids and mask positionally); ``kwargs``: the keyword arguments (the
+    layer's own attention mask, ``position_embeddings``, ...), without a cache. Tensors
+    stay where the model made them; the same tensor is shared, not copied, by the layers
+    that get it.
+    """
+
+    args: tuple
+    kwargs: dict
+
+    def to(self, device) -> LayerCall:
+        """This call with its tensors (also inside tuples, lists and dicts) on ``device``."""
+        return LayerCall(_to(self.args, device), _to(self.kwargs, device))
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class _StopForward(Exception):
+    """Raised by a hook to stop the model's forward once what was needed is recorded."""
+
+
+def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, LayerCall]:
+    """A layer call's hidden states, and the rest of its arguments without a cache."""
+    if args:
+        hidden, rest = args[0], tuple(None if _is_cache(a) else a for a in args[1:])
+    else:
+        hidden, rest = kwargs["hidden_states"], ()
+    kept = {k: v for k, v in kwargs.items() if k != "hidden_states" and k not in _CACHE_ARGUMENTS}
+    return hidden, LayerCall(rest, kept)
+
+
+def _is_cache(value) -> bool:
+    # transformers' Cache classes (DynamicCache, HybridMambaAttentionDynamicCache, ...),
+    # recognised without importing transformers
+    return any(cls.__name__.endswith("Cache") for cls in type(value).__mro__)
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index`` during one forward: records the call, passes the hidden states on.
+
+    The model's loop may read the layer's attributes (``attention_type``, ``layer_type``,
+    ``is_sliding``...): they are looked up on the layer it replaces.
+    """
+
+    def __init__(self, layer: nn.Module, index: int, last: bool, as_tuple: bool, seen: list):
+        super().__init__()
+        # plain attributes, not submodules: the stand-in must not own the layer's parameters
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_seen", seen)
+        self._index, self._last, self._as_tuple = index, last, as_tuple
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, *args, **kwargs):
+        hidden, call = _split(args, kwargs)
+        self._seen.append((self._index, hidden, call))
+        if self._last:
+            raise _StopForward
+        return (hidden,) if self._as_tuple else hidden
+
+
+def _recorded_calls(model: nn.Module, layers: nn.ModuleList, row: torch.Tensor) -> list[LayerCall] | str:
+    """Each layer's :class:`LayerCall` from one forward of ``row`` (1, seqlen) with every layer
+    a :class:`_Recorder`; or why they could not be recorded."""
+    why = ""
+    for as_tuple in (False, True):  # the layers' output: a tensor (most of transformers 5) or a 1-tuple
+        seen: list = []
+        originals = list(layers)
+        for i, layer in enumerate(originals):
+            layers[i] = _Recorder(layer, i, i == len(originals) - 1, as_tuple, seen)
+        try:
+            model(row, use_cache=False)
+        except _StopForward:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the model's loop did something the stand-ins cannot follow
+            why = f"{type(exc).__name__}: {exc}"
+            continue
+        finally:
+            for i, layer in enumerate(originals):
+                layers[i] = layer
+        indices = [i for i, _, _ in seen]
+        if indices != list(range(len(layers))):
+            why = f"the model's forward called its decoder layers {indices[:8]}, not each once in order"
+            continue
+        shape = seen[0][1].shape
+        if any(not isinstance(h, torch.Tensor) or h.shape != shape for _, h, _ in seen):
+            why = "the hidden states changed shape between decoder layers"
+            continue
+        return [call for _, _, call in seen]
+    return why
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, device=None, *,
+                         warn: bool = True) -> tuple[torch.Tensor, list[LayerCall]]:
+    """Run ``model`` on each calibration row until its first decoder layer: that layer's
+    inputs, and the arguments the model passes each decoder layer.
+
+    Args:
+        model: the model whose forward calls ``layers`` in order.
+        layers: its decoder layers (:func:`~wanda_kernels.llm.pipeline.find_decoder_layers`).
+        calib: ``(nsamples, seqlen)`` int64 token ids, on any device (moved to the input
+            embeddings' device one row at a time).
+        device: where the inputs go (None: where the model made them).
+        warn: warn when the layers' own arguments could not be recorded (False: on all
+            ranks but the first).
+
+    Returns:
+        ``(inputs, calls)``: ``inputs`` ``(nsamples, seqlen, hidden)`` in the first layer's
+        input dtype on ``device``; ``calls``: one :class:`LayerCall` per layer, recorded
+        from the first row (the rows share a length, so their masks and positions agree).
+    """
+    inputs: list[torch.Tensor] = []
+    first: dict = {}
+
+    def hook(module, args, kwargs):
+        hidden, call = _split(args, kwargs)
+        inputs.append(hidden.detach().to(device) if device is not None else hidden.detach())
+        first.setdefault("call", call)
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        embed_device = model.get_input_embeddings().weight.device
+        for row in calib:
+            try:
+                model(row[None].to(embed_device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if len(inputs) != len(calib):
+        raise RuntimeError(f"the decoder layer saw {len(inputs)} of {len(calib)} calibration inputs")
+    calls = _recorded_calls(model, layers, calib[:1].to(embed_device)) if len(layers) > 1 else [first["call"]]
+    if isinstance(calls, str):
+        if warn:
+            warn_external(f"could not record the arguments {type(model).__name__} gives each decoder layer "
+                          f"({calls}); every layer is called with those of the first, which is right only when "
+                          "the layers' attention masks and position embeddings all agree (no sliding-window layers)")
+        calls = [first["call"]] * len(layers)
+    return torch.cat(inputs, dim=0), calls
+
+
+def _layer_out(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: torch.Tensor, call: LayerCall) -> torch.Tensor:
+    """``layer``'s outputs ``(nsamples, seqlen, hidden)`` for ``inputs`` of that shape, one sample per call.
+
+    ``call``'s tensors must already be on ``inputs``' device (:meth:`LayerCall.to`).
+    """
+    out = torch.empty_like(inputs)
+    for j in range(inputs.shape[0]):
+        out[j : j + 1] = _layer_out(layer(inputs[j : j + 1], *call.args, **call.kwargs))
+    return out
