@@ -472,7 +472,8 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict | list, sp
     sum of ``x**2`` over the tokens of each forward call per linear; sum those per-call
     rows in fp64 (the order-free sum that lets ``prune_model`` split the samples over
     processes), prune each linear with :func:`prune` on ``sqrt`` of that, then run the
-    layer again to produce the next layer's inputs.
+    layer again to produce the next layer's inputs. A linear the layer never calls (its
+    weight read by the layer itself) is left as it is.
 
     Fused mixture-of-experts weights in Mixtral's layout (a module with 3-D
     ``gate_up_proj`` ``(experts, 2 * inner, hidden)``, gate rows first, and ``down_proj``
@@ -537,7 +538,9 @@ def sequential_prune(layers, inputs: torch.Tensor, layer_kwargs: dict | list, sp
             layer(h[j : j + 1], *layer_args, **kwargs)
         for handle in handles:
             handle.remove()
-        weights = {name: module.weight.data for name, module in linears.items()}
+        # a linear the layer never called (Mamba's dt_proj: the mixer multiplies its weight
+        # itself) has no inputs to rank by: left as it is, by every metric
+        weights = {name: module.weight.data for name, module in linears.items() if name in sums}
         for name, module in experts.items():
             for e in range(module.gate_up_proj.shape[0]):
                 weights.update({(name, e, part): getattr(module, part).data[e].t() if stacked[name]

@@ -145,8 +145,8 @@ class Shard:
             if buf is not t:
                 t.copy_(buf)
 
-    def check_same(self, what: str, fingerprint: list[int]) -> None:
-        """Raise ValueError on every rank unless all ranks passed the same integers."""
+    def check_same(self, what: str, fingerprint: list[int], fix: str = "every rank must pass the same one") -> None:
+        """Raise ValueError on every rank unless all ranks passed the same integers (``fix``: what to do)."""
         if not self.distributed:
             return
         mine = torch.tensor(fingerprint, dtype=torch.int64, device=self.comm_device)
@@ -155,7 +155,7 @@ class Shard:
         differ = [r for r, t in enumerate(seen) if not torch.equal(t, seen[0])]
         if differ:
             raise ValueError(f"{what} differs between ranks (rank 0 vs rank{'s' if len(differ) > 1 else ''} "
-                             f"{', '.join(map(str, differ))}); every rank must pass the same one")
+                             f"{', '.join(map(str, differ))}); {fix}")
 
     def step(self, what: str):
         """:func:`step` over this shard's group."""

@@ -79,7 +79,7 @@ class PruneReport:
     seqlen: int
     layers: list[LayerReport] = field(default_factory=list)
     total_seconds: float = 0.0
-    forward_seconds: float = 0.0  # calibration forwards (incl. Wanda's norm hooks)
+    forward_seconds: float = 0.0  # calibration forwards (incl. Wanda's norm hooks; magnitude's 16-token probe)
     prune_seconds: float = 0.0  # mask selection and weight writes (and SparseGPT's solve)
     world_size: int = 1  # processes that shared the calibration (torch.distributed ranks)
     calib_tokens_per_rank: list[int] = field(default_factory=list)  # calibration tokens each rank ran
@@ -95,6 +95,10 @@ class PruneReport:
     # fused MoE experts' linears (``"model.layers.0.mlp.experts.3.down_proj"``) that no calibration
     # token reached: there was nothing to rank them by, so they were pruned by weight magnitude
     uncalibrated: list[str] = field(default_factory=list)
+    # linears (``"backbone.layers.0.mixer.dt_proj"``) that their decoder layer's forward never
+    # called on the calibration samples (the model reads their weight itself, as Mamba's
+    # dt_proj): no input to rank by and no sparse module could stand in, so left dense
+    uncalled: list[str] = field(default_factory=list)
     pruned_weight_fraction: float = 1.0  # of the decoder layers' weights (>= 2-D parameters), those pruned
     expert_linears: int = 0  # of the pruned linears, those that are one expert's projection in fused MoE weights
 
@@ -107,6 +111,10 @@ class PruneReport:
         out["permutations"] = sorted(self.permutations)
         return out
 
+
+# Magnitude ranks weights without activations; the first calibration row's first tokens,
+# run through the layers, tell which linears they call (the rest stay dense).
+_PROBE_TOKENS = 16
 
 # Below this share of the decoder layers' weights in pruned layers, prune_model warns: the
 # architecture keeps weights in modules of its own. Routers, norms and convolutions of
@@ -193,15 +201,25 @@ def _onloaded(layer: nn.Module, device: torch.device | None):
 
 
 def _collect_norms(layer: nn.Module, linears: dict[str, nn.Module], run: Callable[[], None], backend: str) -> dict:
-    """Wanda: ``{name: (calls, in_features) fp32}``, each forward call's ``sum_t x[t, j]**2``."""
+    """Wanda: ``{name: (calls, in_features) fp32}``, each forward call's ``sum_t x[t, j]**2``
+    (a linear the run never called has no entry)."""
     names = set(linears)
     with ActNormCollector(layer, include=lambda n, m: n in names, backend=backend, per_call=True) as col:
         run()
-    rows = col.call_sq_norms()
-    missing = names - set(rows)
-    if missing:
-        raise RuntimeError(f"linear layers {sorted(missing)} saw no input during calibration")
-    return rows
+    return col.call_sq_norms()
+
+
+@contextlib.contextmanager
+def _calls_seen(linears: dict[str, nn.Module]):
+    """The set of the names of ``linears`` called while the block runs (filled as they are)."""
+    seen: set[str] = set()
+    handles = [mod.register_forward_pre_hook(lambda module, args, name=name: seen.add(name))
+               for name, mod in linears.items()]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _combine_norms(rows: dict, shard: Shard) -> dict:
@@ -379,14 +397,18 @@ def prune_model(
     Mixture-of-experts blocks whose experts transformers keeps in 3-D weights are pruned
     expert by expert (:mod:`.experts`), each with the norms (or ``X^T X``) of the tokens
     routed to it; an expert no calibration token reached is pruned by magnitude, with a
-    warning. A warning also says when the pruned layers hold less than 95% of the decoder
+    warning. A linear its layer never calls (Mamba's ``dt_proj``, whose weight the mixer
+    multiplies itself) is left dense by every method and named in a warning (magnitude
+    runs 16 tokens of the first sample through the layers to see which linears they call).
+    A warning also says when the pruned layers hold less than 95% of the decoder
     layers' weights (weights in modules of other kinds stay dense).
 
     Returns:
         A :class:`PruneReport` with the sparsity reached per linear, the time per layer,
         the world size and each rank's calibration tokens, and the share of the decoder
         layers' weights pruned (``pruned_weight_fraction``), the number of expert
-        projections among the linears (``expert_linears``) and the uncalibrated ones.
+        projections among the linears (``expert_linears``), the uncalibrated ones and the
+        linears left dense because their layer never calls them (``uncalled``).
 
     Raises:
         ValueError, TypeError: a bad option, a linear that cannot take the pattern, or a
@@ -409,7 +431,8 @@ def prune_model(
     if shard.distributed:
         shard.check_same("calib (the calibration token ids)", _fingerprint(calib))
     with shard.step("checking the weights"):
-        covered = _check_weights(layers_name, layers, spec)  # every linear, before any is touched
+        covered, total = _check_weights(layers_name, layers, spec)  # every linear, before any is touched
+    covered /= max(1, total)
     if covered < _COVERED_WARN and shard.is_main:
         warnings.warn(f"the linear layers (and fused experts) that prune_model prunes hold {covered:.1%} of the "
                       f"weights of {type(model).__name__}'s decoder layers; the rest (modules of other kinds) stays "
@@ -423,12 +446,14 @@ def prune_model(
                                       **(dict(owl_lambda=owl_lambda, owl_m=owl_m) if owl else {})),
                          pruned_weight_fraction=covered)
     inps = calls = None
-    if chosen.collect is not None or owl:
-        t0 = time.perf_counter()
-        with shard.step("capturing the first decoder layer's inputs and every layer's arguments"):
+    t0 = time.perf_counter()
+    with shard.step("capturing the first decoder layer's inputs and every layer's arguments"):
+        if chosen.collect is not None or owl:
             inps, calls = capture_layer_inputs(model, layers, calib[shard.start : shard.stop], device,
                                                warn=shard.is_main)
-        report.forward_seconds += time.perf_counter() - t0
+        else:  # magnitude ranks without activations; a few tokens tell which linears the layers call
+            inps, calls = capture_layer_inputs(model, layers, calib[:1, :_PROBE_TOKENS], device, warn=shard.is_main)
+    report.forward_seconds += time.perf_counter() - t0
     targets = [spec.sparsity] * len(layers)
     if owl:
         t0 = time.perf_counter()
@@ -442,6 +467,7 @@ def prune_model(
     # statistic (Wanda's norms, SparseGPT's Hessians) was not finite. Nothing on the
     # per-layer path waits for the GPU except the phase timings (_synchronize).
     zeros: list[tuple[LayerReport, str, int, torch.Tensor]] = []  # (report, linear, numel, zero count)
+    uncalled_numel = 0
     nonfinite: list[tuple[int, torch.Tensor]] = []
     unreached: list[tuple[str, torch.Tensor]] = []  # (expert linear's name in the model, no token reached it)
     bar = progress_bar(layers, progress and shard.is_main, f"{method} {pattern}")
@@ -451,19 +477,33 @@ def prune_model(
         with _onloaded(layer, device) as work, expert_linears(layer) as experts:
             linears = linear_layers(layer)
             stats: dict = {}
-            if chosen.collect is not None:
-                t0 = time.perf_counter()
-                with shard.step(f"calibrating decoder layer {index}"):
-                    inps, call = inps.to(work), calls[index].to(work)
-                    run = _replaying(experts, functools.partial(run_layer, layer, inps, call))
+            t0 = time.perf_counter()
+            with shard.step(f"calibrating decoder layer {index}"), _calls_seen(linears) as called:
+                inps, call = inps.to(work), calls[index].to(work)
+                run = _replaying(experts, functools.partial(run_layer, layer, inps, call))
+                if chosen.collect is not None:
                     stats = chosen.collect(layer, linears, run, backend)
-                    _synchronize(work)
-                report.forward_seconds += time.perf_counter() - t0
+                else:
+                    run()  # magnitude: only to see which linears are called
+                _synchronize(work)
+            report.forward_seconds += time.perf_counter() - t0
+            # A linear its layer never calls (Mamba's dt_proj, whose weight the mixer multiplies
+            # itself) has no inputs to rank by, and no sparse module could stand in for it: left
+            # dense. (A fused expert no token reached is called, with no tokens.)
+            uncalled = [name for name in linears if name not in called]
+            shard.check_same(f"the set of linear layers decoder layer {index} called",
+                             [name in called for name in linears],
+                             fix="a linear called on some calibration samples only (an expert kept as a module of its "
+                                 "own) must be reached on every rank: give each rank more samples")
+            report.uncalled += [f"{layers_name}.{index}.{name}" for name in uncalled]
+            uncalled_numel += sum(linears.pop(name).weight.numel() for name in uncalled)
+            if chosen.collect is not None:
                 t0 = time.perf_counter()
                 stats = chosen.combine(stats, shard)
                 _synchronize(work)
                 report.comm_seconds += time.perf_counter() - t0
-                nonfinite.append((index, torch.stack([~torch.isfinite(v).all() for v in stats.values()]).any()))
+                if stats:
+                    nonfinite.append((index, torch.stack([~torch.isfinite(v).all() for v in stats.values()]).any()))
                 for name in experts.names:
                     stats[name], missed = _uncalibrated_fallback(stats[name])
                     unreached.append((f"{layers_name}.{index}.{name}", missed))
@@ -490,12 +530,11 @@ def prune_model(
                 shard.broadcast_([mod.weight.data for mod in linears.values()], owners)
                 _synchronize(work)
                 report.comm_seconds += time.perf_counter() - t0
-            if chosen.collect is not None:
-                t0 = time.perf_counter()
-                with shard.step(f"running pruned decoder layer {index}"):
-                    inps = run_layer(layer, inps, call)  # the next layer sees the pruned layer's outputs
-                    _synchronize(work)
-                report.forward_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with shard.step(f"running pruned decoder layer {index}"):
+                inps = run_layer(layer, inps, call)  # the next layer sees the pruned layer's outputs
+                _synchronize(work)
+            report.forward_seconds += time.perf_counter() - t0
             layer_report = LayerReport(index=index, seconds=time.perf_counter() - t_layer, sparsity={})
             report.layers.append(layer_report)
             for name, mod in linears.items():
@@ -505,6 +544,15 @@ def prune_model(
         layer_report.sparsity[name] = count / numel
     bad = [index for (index, _), flag in zip(nonfinite, _to_host([f for _, f in nonfinite])) if flag]
     report.uncalibrated = [name for (name, _), flag in zip(unreached, _to_host([f for _, f in unreached])) if flag]
+    report.pruned_weight_fraction = (covered * total - uncalled_numel) / max(1, total)
+    if report.uncalled and shard.is_main:
+        warnings.warn(f"{len(report.uncalled)} linear layers ({', '.join(report.uncalled[:2])}"
+                      f"{', ...' if len(report.uncalled) > 2 else ''}) were never called by their decoder layer's "
+                      "forward on the calibration samples (the model reads their weight itself, as Mamba's dt_proj; "
+                      "or no calibration token reached an expert kept as a module of its own), so there was "
+                      "nothing to rank their weights by and no sparse module could stand in for them: they were "
+                      f"left dense, and the pruned layers hold {report.pruned_weight_fraction:.1%} of the decoder "
+                      "layers' weights (PruneReport.uncalled lists them)", RuntimeWarning, stacklevel=2)
     if report.uncalibrated and shard.is_main:
         warnings.warn(f"{len(report.uncalibrated)} expert projections ({', '.join(report.uncalibrated[:2])}"
                       f"{', ...' if len(report.uncalibrated) > 2 else ''}) got no calibration token, so there was "
@@ -606,8 +654,9 @@ def _outlier_ratios(layers, inps, calls: list[LayerCall], device, backend: str, 
                 out: list[torch.Tensor] = []  # the layer's outputs: the next layer's inputs
                 run = _replaying(experts, functools.partial(_run_into, out, layer, inps, call))
                 norms = _combine_norms(_collect_norms(layer, linears, run, backend), shard)
-                ratios.append(owl_alloc.outlier_ratio(
-                    [linear_weight(mod).abs().float() * norms[name][None, :] for name, mod in linears.items()], m))
+                ratios.append(owl_alloc.outlier_ratio(  # (a linear never called has no norms: left dense)
+                    [linear_weight(mod).abs().float() * norms[name][None, :] for name, mod in linears.items()
+                     if name in norms], m))
                 inps = out[0]
     return ratios
 
@@ -647,8 +696,8 @@ def _fingerprint(calib: torch.Tensor) -> list[int]:
 def _check_weights(layers_name: str, layers: nn.ModuleList, spec: PruneSpec) -> float:
     """Every linear's weight: dtype, shape and pattern, then finite values, read back in one transfer per device.
 
-    Returns the fraction of the decoder layers' weights (parameters of 2 or more
-    dimensions) that the pruning covers.
+    Returns the number of weights the pruning covers and the number of the decoder
+    layers' weights (parameters of 2 or more dimensions).
     """
     names, finite = [], []
     covered = total = 0
@@ -664,7 +713,7 @@ def _check_weights(layers_name: str, layers: nn.ModuleList, spec: PruneSpec) -> 
         raise ValueError(f"{len(bad)} weight{'s' if len(bad) > 1 else ''} of the model hold NaN or Inf values "
                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); pruning ranks weights by "
                          "score, and NaN or Inf has no rank. Nothing was pruned")
-    return covered / max(1, total)
+    return covered, total
 
 
 def _synchronize(device: torch.device) -> None:
