@@ -106,6 +106,10 @@ class _Block(nn.Module):
             self.experts = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)) for _ in range(experts))
 
 
+class _OtherBlock(_Block):
+    pass
+
+
 class _Toy(nn.Module):
     """Token embeddings in ``embed_at`` (a dotted path), blocks in ``stacks`` ({path: list})."""
 
@@ -139,6 +143,11 @@ class _Toy(nn.Module):
     ("model.embed", {"model.layers": [_Block(experts=8) for _ in range(2)]}, "model.layers"),
     # no input embeddings to go by: the largest list
     (None, {"a": [_Block() for _ in range(2)], "b": [_Block() for _ in range(3)]}, "b"),
+    # blocks of two kinds (Jamba's attention and Mamba layers, Mllama's cross-attention)
+    ("lm.embed", {"vision.blocks": [_Block() for _ in range(6)], "lm.layers": [_Block(), _OtherBlock(), _Block()]},
+     "lm.layers"),
+    # beside a larger list of mixed blocks, a list of one kind comes first
+    ("embed", {"mixed": [_Block(), _OtherBlock()] * 3, "layers": [_Block() for _ in range(2)]}, "layers"),
 ])
 def test_find_decoder_layers_rule(embed_at, stacks, expected):
     if embed_at is None:
@@ -150,19 +159,79 @@ def test_find_decoder_layers_rule(embed_at, stacks, expected):
     assert pipeline.find_decoder_layers(model)[0] == expected
 
 
-def test_a_language_model_of_mixed_blocks_is_refused_by_name():
-    # Mllama interleaves cross-attention layers (which token-only runs skip) with its
-    # self-attention layers: refused, naming the list, not a vision encoder pruned instead.
+def test_layers_that_share_parameters_are_refused_by_name():
+    # Zamba's hybrid layers share one transformer block: pruned layer by layer, it would be
+    # pruned once per layer that uses it
+    shared = nn.Linear(8, 8)
+    blocks = [_Block() for _ in range(4)]
+    blocks[1].shared, blocks[3].shared = shared, shared
+    with pytest.raises(ValueError, match=r"decoder layers 1 and 3 of model\.layers share the parameter "
+                                         r"shared\.weight \(a block shared between layers"):
+        pipeline.find_decoder_layers(_Toy("model.embed", {"model.layers": blocks}))
+
+
+def tiny_mllama():
+    # Mllama interleaves cross-attention layers, which its forward skips without an image
     torch.manual_seed(0)
     cfg = transformers.MllamaConfig(
         text_config=dict(cross_attention_layers=[1], **{**TEXT, "num_hidden_layers": 3}),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_global_layers=1,
                            attention_heads=2, image_size=28, patch_size=14, vision_output_dim=64,
                            intermediate_layers_indices=[0]), image_token_index=5)
-    model = transformers.AutoModelForImageTextToText.from_config(cfg)
-    with pytest.raises(ValueError, match=r"model\.language_model\.layers mixes kinds of blocks \("
-                                         r"MllamaCrossAttentionDecoderLayer, MllamaSelfAttentionDecoderLayer\)"):
-        pipeline.find_decoder_layers(model)
+    return transformers.AutoModelForImageTextToText.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "sparsegpt"])
+def test_mllama_prunes_its_self_attention_layers_and_leaves_its_cross_attention_layers(method):
+    model = tiny_mllama()
+    twin = copy.deepcopy(model)
+    name, layers = pipeline.find_decoder_layers(model)
+    assert name == "model.language_model.layers"
+    assert [type(m).__name__ for m in layers] == ["MllamaSelfAttentionDecoderLayer",
+                                                  "MllamaCrossAttentionDecoderLayer",
+                                                  "MllamaSelfAttentionDecoderLayer"]
+    with pytest.warns(RuntimeWarning, match=r"MllamaForConditionalGeneration's forward does not call its decoder "
+                                            r"layers \[1\] \(MllamaCrossAttentionDecoderLayer\) on token ids alone"):
+        report = pipeline.prune_model(model, calib_ids(), pattern="2:4", method=method, progress=False)
+    assert report.skipped_layers == [1] and [r.index for r in report.layers] == [0, 2]
+    cross = {id(p) for p in layers[1].parameters()}
+    total = sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
+    pruned = sum(w.numel() for i in (0, 2) for w in pipeline.prunable_weights(layers[i]).values())
+    assert report.pruned_weight_fraction == pytest.approx(pruned / total)
+    for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        if id(a) in cross or not n.startswith(name + "."):
+            assert torch.equal(a, b), n  # the cross-attention layer, the vision model: untouched
+    for i in (0, 2):
+        for n, w in pipeline.prunable_weights(layers[i]).items():
+            assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).le(2).all(), (i, n)
+            assert (w == 0).float().mean() >= 0.5, (i, n)
+
+
+def test_mllama_equals_the_reference_loop_on_the_layers_its_forward_calls():
+    from test_layer_calls import real_layer_calls
+
+    model = tiny_mllama()
+    twin = copy.deepcopy(model)
+    calib = calib_ids(n=4)
+    layers = twin.model.language_model.layers
+    x, _ = first_layer_inputs(twin, calib, layers[0])
+    calls = real_layer_calls(twin, layers, calib[0], skipped=(1,))
+    reference.sequential_prune([layers[0], layers[2]], x, [calls[0], calls[2]], pattern="2:4")
+    with pytest.warns(RuntimeWarning, match="does not call its decoder layers"):
+        pipeline.prune_model(model, calib, pattern="2:4", progress=False)
+    for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_owl_gives_the_skipped_layers_no_target():
+    model = tiny_mllama()
+    with pytest.warns(RuntimeWarning, match="does not call its decoder layers"):
+        report = pipeline.prune_model(model, calib_ids(), 0.5, owl=True, owl_lambda=0.05, progress=False)
+    _, layers = pipeline.find_decoder_layers(model)
+    assert report.layer_targets[1] == 0.0 and all(0.39 < report.layer_targets[i] < 0.61 for i in (0, 2))
+    sizes = {i: sum(w.numel() for w in pipeline.prunable_weights(layers[i]).values()) for i in (0, 2)}
+    mean = sum(report.layer_targets[i] * sizes[i] for i in sizes) / sum(sizes.values())
+    assert mean == pytest.approx(0.5, abs=1e-6)  # OWL's mean over the layers it prunes
 
 
 @pytest.mark.parametrize(("config", "auto"), [

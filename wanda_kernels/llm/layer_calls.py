@@ -16,13 +16,15 @@ never produces (silently: the shapes agree).
 calibration sample, the arguments the model's loop gives each layer
 (:class:`LayerCall`): it swaps every decoder layer for a stand-in that records its
 arguments and hands its hidden states on unchanged (so no layer computes anything), and
-stops the forward at the last one. The first layer's inputs for every sample come from a
-forward pre-hook that stops each forward there. :func:`run_layer` calls a layer with its
-own arguments.
+stops the forward at the last one. A layer the loop skips on token ids alone (Mllama's
+cross-attention layers, without an image) gets no call (None). The inputs of the first
+layer the loop calls, for every sample, come from a forward pre-hook that stops each
+forward there. :func:`run_layer` calls a layer with its own arguments.
 
 No model-name checks: a model whose loop does not take the stand-ins' outputs (neither a
 tensor nor a 1-tuple, the two forms transformers' layers return) gets every layer called
-with its first layer's arguments, with a warning, as before this module existed.
+with its first layer's arguments, with a warning, as before this module existed; unless
+its layers are of several kinds (Jamba's attention and Mamba layers), which is an error.
 """
 
 from __future__ import annotations
@@ -118,9 +120,9 @@ class _Recorder(nn.Module):
         return (hidden,) if self._as_tuple else hidden
 
 
-def _recorded_calls(model: nn.Module, layers: nn.ModuleList, row: torch.Tensor) -> list[LayerCall] | str:
-    """Each layer's :class:`LayerCall` from one forward of ``row`` (1, seqlen) with every layer
-    a :class:`_Recorder`; or why they could not be recorded."""
+def _recorded_calls(model: nn.Module, layers: nn.ModuleList, row: torch.Tensor) -> list[LayerCall | None] | str:
+    """Each layer's :class:`LayerCall` (None: the forward skipped it) from one forward of
+    ``row`` (1, seqlen) with every layer a :class:`_Recorder`; or why they could not be recorded."""
     why = ""
     for as_tuple in (False, True):  # the layers' output: a tensor (most of transformers 5) or a 1-tuple
         seen: list = []
@@ -138,20 +140,23 @@ def _recorded_calls(model: nn.Module, layers: nn.ModuleList, row: torch.Tensor) 
             for i, layer in enumerate(originals):
                 layers[i] = layer
         indices = [i for i, _, _ in seen]
-        if indices != list(range(len(layers))):
-            why = f"the model's forward called its decoder layers {indices[:8]}, not each once in order"
+        if not indices or any(a >= b for a, b in zip(indices, indices[1:])):
+            why = f"the model's forward called its decoder layers {indices[:8]}, not each at most once in order"
             continue
         shape = seen[0][1].shape
         if any(not isinstance(h, torch.Tensor) or h.shape != shape for _, h, _ in seen):
             why = "the hidden states changed shape between decoder layers"
             continue
-        return [call for _, _, call in seen]
+        calls: list[LayerCall | None] = [None] * len(layers)
+        for i, _, call in seen:
+            calls[i] = call
+        return calls
     return why
 
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, device=None, *,
-                         warn: bool = True) -> tuple[torch.Tensor, list[LayerCall]]:
+                         warn: bool = True) -> tuple[torch.Tensor, list[LayerCall | None]]:
     """Run ``model`` on each calibration row until its first decoder layer: that layer's
     inputs, and the arguments the model passes each decoder layer.
 
@@ -165,22 +170,36 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.T
             ranks but the first).
 
     Returns:
-        ``(inputs, calls)``: ``inputs`` ``(nsamples, seqlen, hidden)`` in the first layer's
-        input dtype on ``device``; ``calls``: one :class:`LayerCall` per layer, recorded
-        from the first row (the rows share a length, so their masks and positions agree).
+        ``(inputs, calls)``: ``inputs`` ``(nsamples, seqlen, hidden)``, the hidden states
+        the first layer the model calls gets, in their dtype on ``device``; ``calls``: one
+        :class:`LayerCall` per layer, recorded from the first row (the rows share a
+        length, so their masks and positions agree), or None for a layer the model's
+        forward does not call on token ids alone (Mllama's cross-attention layers, which
+        wait for an image).
+
+    Raises:
+        ValueError: the layers are of several kinds (Jamba's attention and Mamba layers)
+            and their arguments could not be recorded: no layer's may stand for another's.
     """
+    embed_device = model.get_input_embeddings().weight.device
+    recorded = _recorded_calls(model, layers, calib[:1].to(embed_device)) if len(layers) > 1 else None
+    kinds = {type(layer) for layer in layers}
+    if isinstance(recorded, str) and len(kinds) > 1:
+        raise ValueError(f"could not record the arguments {type(model).__name__} gives each of its decoder layers "
+                         f"({recorded}), whose kinds differ ({', '.join(sorted(k.__name__ for k in kinds))}), so "
+                         "none can be called with another's arguments: prune_model cannot run them one by one")
+    first = next(i for i, call in enumerate(recorded) if call is not None) if isinstance(recorded, list) else 0
     inputs: list[torch.Tensor] = []
-    first: dict = {}
+    seen: dict = {}
 
     def hook(module, args, kwargs):
         hidden, call = _split(args, kwargs)
         inputs.append(hidden.detach().to(device) if device is not None else hidden.detach())
-        first.setdefault("call", call)
+        seen.setdefault("call", call)
         raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = layers[first].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        embed_device = model.get_input_embeddings().weight.device
         for row in calib:
             try:
                 model(row[None].to(embed_device), use_cache=False)
@@ -189,14 +208,17 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.T
     finally:
         handle.remove()
     if len(inputs) != len(calib):
-        raise RuntimeError(f"the decoder layer saw {len(inputs)} of {len(calib)} calibration inputs")
-    calls = _recorded_calls(model, layers, calib[:1].to(embed_device)) if len(layers) > 1 else [first["call"]]
-    if isinstance(calls, str):
+        raise RuntimeError(f"decoder layer {first} saw {len(inputs)} of {len(calib)} calibration inputs")
+    if recorded is None:
+        calls = [seen["call"]]
+    elif isinstance(recorded, str):
         if warn:
             warn_external(f"could not record the arguments {type(model).__name__} gives each decoder layer "
-                          f"({calls}); every layer is called with those of the first, which is right only when "
+                          f"({recorded}); every layer is called with those of the first, which is right only when "
                           "the layers' attention masks and position embeddings all agree (no sliding-window layers)")
-        calls = [first["call"]] * len(layers)
+        calls = [seen["call"]] * len(layers)
+    else:
+        calls = recorded
     return torch.cat(inputs, dim=0), calls
 
 

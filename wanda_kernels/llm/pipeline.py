@@ -8,10 +8,12 @@
    magnitude), prune its linear layers, then run it again so the next layer sees the
    outputs of the pruned layer.
 
-The decoder layers are found as the largest ``nn.ModuleList`` of identical blocks that
-hold linear layers in the innermost module around the token embeddings (a
-vision-language model's language model, not its vision encoder), not inside another
-list's blocks (:func:`find_decoder_layers`), and each is called with the arguments
+The decoder layers are found as the largest ``nn.ModuleList`` of blocks (of one kind
+before lists that mix kinds, such as Jamba's) that hold linear layers in the innermost
+module around the token embeddings (a vision-language model's language model, not its
+vision encoder), not inside another list's blocks (:func:`find_decoder_layers`); a layer
+the model's forward skips on token ids alone (Mllama's cross-attention layers) is left
+dense; and each is called with the arguments
 (attention mask, position ids, ``position_embeddings``...) the model passed it: no
 model-name checks. Only linear layers inside decoder layers are pruned
 (``nn.Linear`` and its subclasses that compute the same, such as Falcon's, not routers;
@@ -99,6 +101,9 @@ class PruneReport:
     # called on the calibration samples (the model reads their weight itself, as Mamba's
     # dt_proj): no input to rank by and no sparse module could stand in, so left dense
     uncalled: list[str] = field(default_factory=list)
+    # decoder layers the model's forward does not call on token ids alone (Mllama's
+    # cross-attention layers): left dense, as they are
+    skipped_layers: list[int] = field(default_factory=list)
     pruned_weight_fraction: float = 1.0  # of the decoder layers' weights (>= 2-D parameters), those pruned
     expert_linears: int = 0  # of the pruned linears, those that are one expert's projection in fused MoE weights
 
@@ -148,34 +153,44 @@ def _embedding_ancestors(model: nn.Module) -> list[str]:
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The largest ModuleList of same-type blocks that contain linear layers, in the innermost
-    module that holds both it and the input embeddings (a vision-language model's language
-    model, not its vision encoder, however many blocks that has), and not inside another
-    such list's blocks (a layer's experts).
+    """The decoder layers: the largest ModuleList of blocks that contain linear layers in the
+    innermost module that holds both it and the input embeddings (a vision-language model's
+    language model, not its vision encoder, however many blocks that has), and not inside
+    another such list's blocks (a layer's experts). Lists of one kind of block come first;
+    a list that mixes kinds (Jamba's attention and Mamba layers, Mllama's self- and
+    cross-attention layers) is taken where the module holds no other.
 
     Raises:
-        ValueError: no such list, or the innermost list of blocks around the embeddings
-            mixes kinds of blocks (Mllama's self- and cross-attention layers): named.
+        ValueError: no such list, or its blocks share parameters (Zamba's shared
+            transformer block), which pruning layer by layer would prune once per layer: named.
     """
     lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0
              and any(linear_layers(b) for b in mod)]
     # A list inside another's blocks (a mixture's experts as a ModuleList of MLPs, in older
     # transformers) is part of a layer, however many experts it holds.
     lists = [(name, mod) for name, mod in lists if not any(name.startswith(outer + ".") for outer, _ in lists)]
-    mixed = None
     for prefix in _embedding_ancestors(model):
         inside = [(name, mod) for name, mod in lists if name.startswith(prefix)]
-        same = [(name, mod) for name, mod in inside if len({type(b) for b in mod}) == 1]
-        if same:
-            return max(same, key=lambda item: len(item[1]))  # the first of the largest
-        if inside:  # the blocks around the embeddings are of several kinds: not a vision encoder's instead
-            name, mod = inside[0]
-            mixed = f"; {name} mixes kinds of blocks ({', '.join(sorted({type(b).__name__ for b in mod}))}), " \
-                    "which prune_model does not take"
-            break
-    raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder layers of one kind holding linear "
-                     f"layers{mixed or ''}; prune_model works on decoder-only language models such as LLaMA, "
-                     "Mistral, Qwen2, OPT, GPT-2, and on the language model of vision-language models")
+        if inside:
+            same = [(name, mod) for name, mod in inside if len({type(b) for b in mod}) == 1]
+            # the first of the largest; a mixed list only where there is no list of one kind
+            name, layers = max(same or inside, key=lambda item: len(item[1]))
+            _check_not_shared(name, layers)
+            return name, layers
+    raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder layers holding linear layers; "
+                     "prune_model works on decoder-only language models such as LLaMA, Mistral, Qwen2, OPT, GPT-2, "
+                     "and on the language model of vision-language models")
+
+
+def _check_not_shared(name: str, layers: nn.ModuleList) -> None:
+    owner: dict[int, int] = {}
+    for index, layer in enumerate(layers):
+        for pname, param in layer.named_parameters(remove_duplicate=False):
+            first = owner.setdefault(id(param), index)
+            if first != index:
+                raise ValueError(f"decoder layers {first} and {index} of {name} share the parameter {pname} (a block "
+                                 "shared between layers, as Zamba's): prune_model prunes layer by layer and would "
+                                 "prune it once for each layer that uses it, so it does not take such models")
 
 
 def _first_device(module: nn.Module) -> torch.device:
@@ -407,8 +422,10 @@ def prune_model(
         A :class:`PruneReport` with the sparsity reached per linear, the time per layer,
         the world size and each rank's calibration tokens, and the share of the decoder
         layers' weights pruned (``pruned_weight_fraction``), the number of expert
-        projections among the linears (``expert_linears``), the uncalibrated ones and the
-        linears left dense because their layer never calls them (``uncalled``).
+        projections among the linears (``expert_linears``), the uncalibrated ones, the
+        linears left dense because their layer never calls them (``uncalled``) and the
+        decoder layers left dense because the model's forward skips them on token ids
+        alone (``skipped_layers``: Mllama's cross-attention layers, with a warning).
 
     Raises:
         ValueError, TypeError: a bad option, a linear that cannot take the pattern, or a
@@ -431,8 +448,8 @@ def prune_model(
     if shard.distributed:
         shard.check_same("calib (the calibration token ids)", _fingerprint(calib))
     with shard.step("checking the weights"):
-        covered, total = _check_weights(layers_name, layers, spec)  # every linear, before any is touched
-    covered /= max(1, total)
+        covered_numel, total = _check_weights(layers_name, layers, spec)  # every linear, before any is touched
+    covered = covered_numel / max(1, total)
     if covered < _COVERED_WARN and shard.is_main:
         warnings.warn(f"the linear layers (and fused experts) that prune_model prunes hold {covered:.1%} of the "
                       f"weights of {type(model).__name__}'s decoder layers; the rest (modules of other kinds) stays "
@@ -454,12 +471,18 @@ def prune_model(
         else:  # magnitude ranks without activations; a few tokens tell which linears the layers call
             inps, calls = capture_layer_inputs(model, layers, calib[:1, :_PROBE_TOKENS], device, warn=shard.is_main)
     report.forward_seconds += time.perf_counter() - t0
-    targets = [spec.sparsity] * len(layers)
+    # Layers the model's forward skips on token ids alone (Mllama's cross-attention layers):
+    # no input reaches them, so they are neither calibrated, pruned nor run.
+    run_here = [index for index, call in enumerate(calls) if call is not None]
+    report.skipped_layers = [index for index, call in enumerate(calls) if call is None]
+    targets = [spec.sparsity if call is not None else 0.0 for call in calls]
     if owl:
         t0 = time.perf_counter()
-        ratios = _outlier_ratios(layers, inps, calls, device, backend, shard, owl_m, progress and shard.is_main)
-        sizes = [sum(w.numel() for w in prunable_weights(layer).values()) for layer in layers]
-        targets = owl_alloc.layer_sparsities(ratios, spec.sparsity, owl_lambda, sizes)
+        ratios = _outlier_ratios(layers, run_here, inps, calls, device, backend, shard, owl_m,
+                                 progress and shard.is_main)
+        sizes = [sum(w.numel() for w in prunable_weights(layers[i]).values()) for i in run_here]
+        for index, target in zip(run_here, owl_alloc.layer_sparsities(ratios, spec.sparsity, owl_lambda, sizes)):
+            targets[index] = target
         report.layer_targets = targets
         report.owl_seconds = time.perf_counter() - t0
 
@@ -467,11 +490,14 @@ def prune_model(
     # statistic (Wanda's norms, SparseGPT's Hessians) was not finite. Nothing on the
     # per-layer path waits for the GPU except the phase timings (_synchronize).
     zeros: list[tuple[LayerReport, str, int, torch.Tensor]] = []  # (report, linear, numel, zero count)
-    uncalled_numel = 0
+    left_dense = 0  # weights of linears that prune_model takes but leaves dense: never called, or in skipped layers
     nonfinite: list[tuple[int, torch.Tensor]] = []
     unreached: list[tuple[str, torch.Tensor]] = []  # (expert linear's name in the model, no token reached it)
     bar = progress_bar(layers, progress and shard.is_main, f"{method} {pattern}")
     for index, layer in enumerate(bar):
+        if calls[index] is None:
+            left_dense += sum(w.numel() for w in prunable_weights(layer).values())
+            continue
         t_layer = time.perf_counter()
         # the activations stay on the working device for the next layer; experts are attached once it is there
         with _onloaded(layer, device) as work, expert_linears(layer) as experts:
@@ -496,7 +522,7 @@ def prune_model(
                              fix="a linear called on some calibration samples only (an expert kept as a module of its "
                                  "own) must be reached on every rank: give each rank more samples")
             report.uncalled += [f"{layers_name}.{index}.{name}" for name in uncalled]
-            uncalled_numel += sum(linears.pop(name).weight.numel() for name in uncalled)
+            left_dense += sum(linear_weight(linears.pop(name)).numel() for name in uncalled)
             if chosen.collect is not None:
                 t0 = time.perf_counter()
                 stats = chosen.combine(stats, shard)
@@ -544,7 +570,15 @@ def prune_model(
         layer_report.sparsity[name] = count / numel
     bad = [index for (index, _), flag in zip(nonfinite, _to_host([f for _, f in nonfinite])) if flag]
     report.uncalibrated = [name for (name, _), flag in zip(unreached, _to_host([f for _, f in unreached])) if flag]
-    report.pruned_weight_fraction = (covered * total - uncalled_numel) / max(1, total)
+    report.pruned_weight_fraction = (covered_numel - left_dense) / max(1, total)
+    if report.skipped_layers and shard.is_main:
+        kinds = sorted({type(layers[i]).__name__ for i in report.skipped_layers})
+        warnings.warn(f"{type(model).__name__}'s forward does not call its decoder layers {report.skipped_layers} "
+                      f"({', '.join(kinds)}) on token ids alone (as Mllama's cross-attention layers, without an "
+                      "image), so no calibration input reaches them: they were left dense "
+                      f"(PruneReport.skipped_layers), and the pruned layers hold {report.pruned_weight_fraction:.1%} "
+                      "of the decoder layers' weights",
+                      RuntimeWarning, stacklevel=2)
     if report.uncalled and shard.is_main:
         warnings.warn(f"{len(report.uncalled)} linear layers ({', '.join(report.uncalled[:2])}"
                       f"{', ...' if len(report.uncalled) > 2 else ''}) were never called by their decoder layer's "
@@ -642,11 +676,13 @@ def _permute_layer(layer: nn.Module, linears: dict[str, nn.Module], stats: dict,
 
 
 @torch.no_grad()
-def _outlier_ratios(layers, inps, calls: list[LayerCall], device, backend: str, shard: Shard, m: float,
-                    progress: bool) -> list[float]:
-    """OWL's calibration pass: each dense decoder layer's share of outlier Wanda scores, layer by layer."""
+def _outlier_ratios(layers, indices: list[int], inps, calls: list[LayerCall | None], device, backend: str,
+                    shard: Shard, m: float, progress: bool) -> list[float]:
+    """OWL's calibration pass: the share of outlier Wanda scores of each dense decoder layer
+    of ``indices`` (those the model calls), layer by layer."""
     ratios = []
-    for index, layer in enumerate(progress_bar(layers, progress, "OWL outlier ratios")):
+    for index in progress_bar(indices, progress, "OWL outlier ratios"):
+        layer = layers[index]
         with _onloaded(layer, device) as work, expert_linears(layer) as experts:
             linears = linear_layers(layer)
             with shard.step(f"OWL: measuring decoder layer {index}"):
