@@ -600,9 +600,9 @@ def prune_model(
                       RuntimeWarning, stacklevel=2)
     report.total_seconds = time.perf_counter() - t_start
     if shard.is_main:
-        logger.info("pruned %d decoder layers (%s, %s) in %.1f s on %d process%s; mean sparsity %.4f", len(layers),
-                    method, pattern, report.total_seconds, shard.world_size, "es" if shard.world_size > 1 else "",
-                    report.overall_sparsity())
+        logger.info("pruned %d decoder layers (%s, %s) in %.1f s on %d process%s; mean sparsity %.4f",
+                    len(report.layers), method, pattern, report.total_seconds, shard.world_size,
+                    "es" if shard.world_size > 1 else "", report.overall_sparsity())
     return report
 
 
