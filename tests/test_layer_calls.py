@@ -149,11 +149,32 @@ def test_prune_model_equals_the_reference_loop_with_each_layers_arguments(family
         assert any(not torch.equal(a, b) for a, b in zip(first_only.parameters(), twin.parameters()))
 
 
+class _Toy(nn.Module):
+    """A decoder of ``blocks`` whose loop sets ``hidden = step(index, layer, hidden)`` for each layer."""
+
+    def __init__(self, blocks, step):
+        super().__init__()
+        self.embed = nn.Embedding(32, 8)
+        self.layers = nn.ModuleList(blocks)
+        self._step = step
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids) * 2
+        for i, layer in enumerate(self.layers):
+            h = self._step(i, layer, h)
+        return h
+
+
 class _Out(NamedTuple):
     hidden: torch.Tensor
 
 
 class _Block(nn.Module):
+    """Returns its output as a named field."""
+
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(8, 8)
@@ -162,141 +183,80 @@ class _Block(nn.Module):
         return _Out(x + self.proj(x) * scale)
 
 
-class _NamedOutputs(nn.Module):
-    """A decoder whose loop reads its layers' outputs by field name: the stand-ins cannot follow it."""
+class _OtherBlock(_Block):
+    pass
 
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(32, 8)
-        self.layers = nn.ModuleList(_Block() for _ in range(3))
 
-    def get_input_embeddings(self):
-        return self.embed
+class _PlainBlock(_Block):
+    """Returns its output as a tensor; takes (and ignores) a position and a cache too."""
 
-    def forward(self, input_ids, use_cache=False):
-        h = self.embed(input_ids)
-        for layer in self.layers:
-            h = layer(h, scale=torch.tensor(0.5)).hidden
-        return h
+    def forward(self, x, position=None, cache=None, scale=1.0, cache_params=None):
+        return super().forward(x, scale).hidden
+
+
+def _by_name(i, layer, h):  # a loop that reads its layers' outputs by field name: the stand-ins cannot follow it
+    return layer(h, scale=torch.tensor(0.5)).hidden
+
+
+CALIB = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
 
 
 def test_a_loop_the_stand_ins_cannot_follow_warns_and_uses_the_first_layers_arguments():
     torch.manual_seed(0)
-    model = _NamedOutputs()
-    calib = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
-    with pytest.warns(RuntimeWarning, match=r"could not record the arguments _NamedOutputs gives each decoder layer "
+    model = _Toy([_Block() for _ in range(3)], _by_name)
+    with pytest.warns(RuntimeWarning, match=r"could not record the arguments _Toy gives each decoder layer "
                                             r"\(AttributeError.*every layer is called with those of the first"):
-        inputs, calls = capture_layer_inputs(model, model.layers, calib)
+        inputs, calls = capture_layer_inputs(model, model.layers, CALIB)
     assert [c.kwargs for c in calls] == [calls[0].kwargs] * 3 and calls[0].args == ()
     assert torch.equal(calls[0].kwargs["scale"], torch.tensor(0.5))
     assert all(type(m) is _Block for m in model.layers)  # the real layers are back
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # quiet when asked (every rank but the first)
-        capture_layer_inputs(model, model.layers, calib, warn=False)
+        capture_layer_inputs(model, model.layers, CALIB, warn=False)
     h = inputs
     for layer in model.layers:
         h = run_layer(layer, h, calls[0])
     with torch.no_grad():
-        assert torch.equal(h, model(calib))
+        assert torch.equal(h, model(CALIB))
 
 
-def test_a_cache_passed_positionally_is_not_kept():
+def test_layers_of_several_kinds_whose_calls_cannot_be_recorded_are_refused():
+    # no layer of one kind may be called with another kind's arguments: an error, not the fallback
+    model = _Toy([_Block(), _OtherBlock(), _Block()], _by_name)
+    with pytest.raises(ValueError, match=r"could not record the arguments _Toy gives each of its decoder "
+                                         r"layers \(AttributeError.*whose kinds differ \(_Block, _OtherBlock\)"):
+        capture_layer_inputs(model, model.layers, CALIB)
+    assert [type(m) for m in model.layers] == [_Block, _OtherBlock, _Block]
+
+
+def test_a_cache_is_not_kept():
     class Cacheish:  # transformers' caches are recognised by their class names
         pass
 
     class SomeCache(Cacheish):
         pass
 
-    seen = {}
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(8, 8)
-
-        def forward(self, x, position, cache, mask=None, cache_params=None):
-            seen.setdefault("block", (position, cache, mask, cache_params))
-            return x + self.proj(x)
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(32, 8)
-            self.layers = nn.ModuleList(Block() for _ in range(2))
-
-        def get_input_embeddings(self):
-            return self.embed
-
-        def forward(self, input_ids, use_cache=False):
-            h = self.embed(input_ids)
-            for layer in self.layers:
-                h = layer(h, 7, SomeCache(), mask="m", cache_params=SomeCache())
-            return h
-
-    model = Model()
-    _, calls = capture_layer_inputs(model, model.layers, torch.zeros(1, 4, dtype=torch.long))
-    assert [(c.args, c.kwargs) for c in calls] == [((7, None), {"mask": "m"})] * 2
-
-
-class _OtherBlock(_Block):
-    pass
-
-
-def test_layers_of_several_kinds_whose_calls_cannot_be_recorded_are_refused():
-    # no layer of one kind may be called with another kind's arguments: an error, not the fallback
-    torch.manual_seed(0)
-    model = _NamedOutputs()
-    model.layers[1] = _OtherBlock()
-    calib = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"could not record the arguments _NamedOutputs gives each of its decoder "
-                                         r"layers \(AttributeError.*whose kinds differ \(_Block, _OtherBlock\)"):
-        capture_layer_inputs(model, model.layers, calib)
-    assert [type(m) for m in model.layers] == [_Block, _OtherBlock, _Block]
-
-
-class _PlainBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(8, 8)
-
-    def forward(self, x, scale=None):
-        return x + self.proj(x) * scale
-
-
-class _Skipping(nn.Module):
-    """A decoder whose loop skips some layers (as Mllama's skips its cross-attention layers without an image)."""
-
-    def __init__(self, skip):
-        super().__init__()
-        self.embed = nn.Embedding(32, 8)
-        self.layers = nn.ModuleList(_PlainBlock() for _ in range(3))
-        self.skip = skip
-
-    def get_input_embeddings(self):
-        return self.embed
-
-    def forward(self, input_ids, use_cache=False):
-        h = self.embed(input_ids) * 2
-        for i, layer in enumerate(self.layers):
-            if i not in self.skip:
-                h = layer(h, scale=torch.tensor(float(i + 1)))
-        return h
+    model = _Toy([_PlainBlock() for _ in range(2)],
+                 lambda i, layer, h: layer(h, 7, SomeCache(), scale=0.5, cache_params=SomeCache()))
+    _, calls = capture_layer_inputs(model, model.layers, CALIB[:1])
+    assert [(c.args, c.kwargs) for c in calls] == [((7, None), {"scale": 0.5})] * 2
 
 
 @pytest.mark.parametrize("skip", [(1,), (0,), (2,), (0, 2)])
 def test_a_layer_the_loop_skips_gets_no_call(skip):
+    # (as Mllama's loop skips its cross-attention layers without an image)
     torch.manual_seed(0)
-    model = _Skipping(skip)
-    calib = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
-    inputs, calls = capture_layer_inputs(model, model.layers, calib)
+    model = _Toy([_PlainBlock() for _ in range(3)],
+                 lambda i, layer, h: h if i in skip else layer(h, scale=torch.tensor(float(i + 1))))
+    inputs, calls = capture_layer_inputs(model, model.layers, CALIB)
     assert [i for i, c in enumerate(calls) if c is None] == list(skip)
     for i, call in enumerate(calls):
         if call is not None:
             assert call.args == () and torch.equal(call.kwargs["scale"], torch.tensor(float(i + 1)))
     with torch.no_grad():
-        assert torch.equal(inputs, model.embed(calib) * 2)  # what the first layer called gets
+        assert torch.equal(inputs, model.embed(CALIB) * 2)  # what the first layer called gets
         h = inputs
         for layer, call in zip(model.layers, calls):
             if call is not None:
                 h = run_layer(layer, h, call)
-        assert torch.equal(h, model(calib))
+        assert torch.equal(h, model(CALIB))
