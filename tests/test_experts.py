@@ -15,7 +15,14 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_pipeline import calib_ids, first_layer_inputs, pruned_weights, tiny_model  # noqa: E402
+from test_pipeline import (  # noqa: E402
+    TRANSFORMERS_MAJOR,
+    calib_ids,
+    first_layer_inputs,
+    pruned_weights,
+    skip_before_transformers_5,
+    tiny_model,
+)
 
 from wanda_kernels import reference  # noqa: E402
 from wanda_kernels.llm import pipeline  # noqa: E402
@@ -23,6 +30,7 @@ from wanda_kernels.llm.experts import expert_linears, is_fused_experts  # noqa: 
 
 
 def _mixtral(experts=8, top_k=2, layers=3):
+    skip_before_transformers_5("keeps Mixtral's experts as modules of their own (nn.Linear each), not 3-D weights")
     torch.manual_seed(0)
     cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -157,6 +165,7 @@ def _gpt_oss():
 
 
 def test_gpt_oss_layout_transposed_with_biases_uses_each_experts_inputs():
+    skip_before_transformers_5("does not mark gpt-oss's expert layout (the test below)")
     model = _gpt_oss()
     experts = model.model.layers[0].mlp.experts
     assert experts.is_transposed and experts.has_bias and experts.gate_up_proj.shape == (4, 64, 64)
@@ -186,12 +195,31 @@ def test_gpt_oss_layout_transposed_with_biases_uses_each_experts_inputs():
     assert torch.equal(experts.gate_up_proj_bias, _gpt_oss().model.layers[0].mlp.experts.gate_up_proj_bias)
 
 
+def test_gpt_oss_experts_of_transformers_4_stay_dense_and_the_warning_names_them():
+    # transformers 4.x keeps gpt-oss's experts in 3-D weights without the layout flags of
+    # 5.x (is_transposed, has_gate, has_bias): they are left as they are, and said so.
+    if TRANSFORMERS_MAJOR >= 5:
+        pytest.skip(f"transformers {transformers.__version__} marks gpt-oss's expert layout (the test above)")
+    model = _gpt_oss()
+    experts = [copy.deepcopy(layer.mlp.experts.state_dict()) for layer in model.model.layers]
+    attention = model.model.layers[0].self_attn.q_proj.weight.clone()
+    with pytest.warns(RuntimeWarning, match=r"hold \d+\.\d% of the weights of GptOssForCausalLM's decoder layers; the "
+                                            r"rest \(modules of other kinds\) stays dense: \d+\.\d% in GptOssExperts, "):
+        report = pipeline.prune_model(model, calib_ids(n=3), progress=False)
+    for layer, dense in zip(model.model.layers, experts):
+        assert all(torch.equal(layer.mlp.experts.state_dict()[k], v) for k, v in dense.items())
+    assert report.expert_linears == 0 and report.pruned_weight_fraction < 0.5
+    pruned = model.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(pruned.ne(0).sum(1), torch.full((64,), 32)) and torch.equal(pruned[pruned.ne(0)],
+                                                                                  attention[pruned.ne(0)])
+
+
 def test_weights_outside_linear_layers_are_reported():
     model = tiny_model("llama")
     for layer in model.model.layers:  # a module of its own kind, with most of the layer's weights
         layer.mlp.register_parameter("extra", torch.nn.Parameter(torch.zeros(256, 256)))
     with pytest.warns(RuntimeWarning, match=r"hold \d+\.\d% of the weights of LlamaForCausalLM's decoder layers; the "
-                                            r"rest \(modules of other kinds\) stays dense"):
+                                            r"rest \(modules of other kinds\) stays dense: \d+\.\d% in LlamaMLP$"):
         report = pipeline.prune_model(model, calib_ids(), progress=False)
     assert 0.3 < report.pruned_weight_fraction < 0.95
     with warnings.catch_warnings():

@@ -45,7 +45,8 @@ FAMILIES = {
     "jamba": lambda: transformers.JambaConfig(  # attention and Mamba layers (two kinds), mixtures of experts
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
-        attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8),
+        attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8,
+        use_mamba_kernels=False),  # (transformers 4.x: else it asks for mamba-ssm's CUDA kernels)
     "llama": lambda: transformers.LlamaConfig(**TINY),
 }
 DIFFERING = ["gemma2", "gemma3", "gpt_oss", "qwen2_sliding", "llama4"]  # not all layers get the same arguments
@@ -194,14 +195,14 @@ class _PlainBlock(_Block):
         return super().forward(x, scale).hidden
 
 
-def _by_name(i, layer, h):  # a loop that reads its layers' outputs by field name: the stand-ins cannot follow it
+def _by_name(i, layer, h):  # a loop that reads its layers' outputs by field name: the recording cannot follow it
     return layer(h, scale=torch.tensor(0.5)).hidden
 
 
 CALIB = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
 
 
-def test_a_loop_the_stand_ins_cannot_follow_warns_and_uses_the_first_layers_arguments():
+def test_a_loop_the_recording_cannot_follow_warns_and_uses_the_first_layers_arguments():
     torch.manual_seed(0)
     model = _Toy([_Block() for _ in range(3)], _by_name)
     with pytest.warns(RuntimeWarning, match=r"could not record the arguments _Toy gives each decoder layer "
@@ -209,13 +210,45 @@ def test_a_loop_the_stand_ins_cannot_follow_warns_and_uses_the_first_layers_argu
         inputs, calls = capture_layer_inputs(model, model.layers, CALIB)
     assert [c.kwargs for c in calls] == [calls[0].kwargs] * 3 and calls[0].args == ()
     assert torch.equal(calls[0].kwargs["scale"], torch.tensor(0.5))
-    assert all(type(m) is _Block for m in model.layers)  # the real layers are back
+    assert all(type(m) is _Block and "forward" not in vars(m) for m in model.layers)  # their own forwards are back
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # quiet when asked (every rank but the first)
         capture_layer_inputs(model, model.layers, CALIB, warn=False)
     h = inputs
     for layer in model.layers:
         h = run_layer(layer, h, calls[0])
+    with torch.no_grad():
+        assert torch.equal(h, model(CALIB))
+
+
+class _Sliding(_PlainBlock):
+    window = None  # a class default that each layer's own attribute overrides
+
+
+def test_a_loop_that_asks_what_each_layer_is_gets_each_its_own_arguments():
+    # transformers 4.x's Jamba gives its Mamba layers their own mask by isinstance: a
+    # stand-in module in the layer's place was given the attention layers' mask, and
+    # pruning failed at the first Mamba layer (or, with agreeing shapes, would not have).
+    torch.manual_seed(0)
+    blocks = [_PlainBlock(), _Sliding(), _PlainBlock(), _Sliding()]
+    blocks[1].window, blocks[3].window = 2.0, 3.0
+
+    def step(i, layer, h):
+        if isinstance(layer, _Sliding):
+            return layer(h, scale=torch.tensor(layer.window))
+        return layer(h, position=torch.tensor(i), scale=torch.tensor(1.0))
+
+    model = _Toy(blocks, step)
+    accelerate_like = blocks[2].forward  # an instance's own forward (accelerate's hooks set one) is kept
+    blocks[2].forward = accelerate_like
+    inputs, calls = capture_layer_inputs(model, model.layers, CALIB)
+    assert [set(c.kwargs) for c in calls] == [{"position", "scale"}, {"scale"}, {"position", "scale"}, {"scale"}]
+    assert [float(c.kwargs["scale"]) for c in calls] == [1.0, 2.0, 1.0, 3.0]
+    assert vars(blocks[2])["forward"] is accelerate_like
+    assert all("forward" not in vars(m) for i, m in enumerate(blocks) if i != 2)
+    h = inputs
+    for layer, call in zip(model.layers, calls):
+        h = run_layer(layer, h, call)
     with torch.no_grad():
         assert torch.equal(h, model(CALIB))
 

@@ -14,7 +14,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from test_pipeline import calib_ids, first_layer_inputs  # noqa: E402
+from test_pipeline import TRANSFORMERS_MAJOR, calib_ids, first_layer_inputs  # noqa: E402
 
 from wanda_kernels import reference  # noqa: E402
 from wanda_kernels.llm import checkpoint, models, pipeline  # noqa: E402
@@ -23,6 +23,17 @@ TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=28,
               patch_size=14)
+
+
+def rope(theta=1e4, **extra):
+    """Rotary settings in the installed transformers' words: 5.x's ``rope_parameters``, 4.x's
+    ``rope_scaling`` and ``rope_theta`` (Qwen2.5-VL's and Mllama's text models of 4.x need
+    ``rope_scaling``: they read it unconditionally)."""
+    if TRANSFORMERS_MAJOR >= 5:
+        return dict(rope_parameters=dict(rope_type="default", rope_theta=theta, **extra))
+    return dict(rope_scaling=dict(rope_type="default", **extra), rope_theta=theta)
+
+
 # family: (config, where its language model's decoder layers are)
 FAMILIES = {
     "llava": (lambda: transformers.LlavaConfig(text_config=dict(model_type="llama", **TEXT), vision_config=VISION,
@@ -34,7 +45,7 @@ FAMILIES = {
                                                  mm_tokens_per_image=4, image_token_index=5, boi_token_index=6,
                                                  eoi_token_index=7), "model.language_model.layers"),
     "qwen2_5_vl": (lambda: transformers.Qwen2_5_VLConfig(
-        text_config=dict(rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=1e4), **TEXT),
+        text_config=dict(**rope(mrope_section=[2, 3, 3]), **TEXT),
         vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64),
         image_token_id=5, video_token_id=6, vision_start_token_id=7), "model.language_model.layers"),
     "llama4": (lambda: transformers.Llama4Config(  # its text model's experts are Llama 4's stacked layout
@@ -174,7 +185,7 @@ def tiny_mllama():
     # Mllama interleaves cross-attention layers, which its forward skips without an image
     torch.manual_seed(0)
     cfg = transformers.MllamaConfig(
-        text_config=dict(cross_attention_layers=[1], **{**TEXT, "num_hidden_layers": 3}),
+        text_config=dict(cross_attention_layers=[1], **rope(), **{**TEXT, "num_hidden_layers": 3}),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_global_layers=1,
                            attention_heads=2, image_size=28, patch_size=14, vision_output_dim=64,
                            intermediate_layers_indices=[0]), image_token_index=5)
@@ -334,13 +345,19 @@ def test_an_extra_file_the_tokenizer_writes_too_is_left_out_with_a_warning(tmp_p
     checkpoint.verify_checkpoint(tmp_path / "out")
 
 
-def test_a_compressed_vision_language_model_loads_whole(tmp_path):
-    model = tiny_vlm("qwen2_5_vl")
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_a_compressed_vision_language_model_loads_whole(family, tmp_path):
+    # Loaded from a folder, as users' models are: its sub-configs then name a dtype (fp32),
+    # in which transformers 4.x built those parts, whatever dtype load_compressed asked for.
+    tiny_vlm(family).save_pretrained(tmp_path / "src")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "src").eval()
     pipeline.prune_model(model, calib_ids(), pattern="2:4", progress=False)
     checkpoint.save_compressed(model, None, tmp_path / "c")
     loaded, _ = checkpoint.load_compressed(tmp_path / "c")
     assert type(loaded) is type(model)
-    visual = {n: p for n, p in loaded.named_parameters() if n.startswith("model.visual.")}
+    # every part in the file's dtype (transformers 4.x built LLaVA's in its sub-configs' fp32)
+    assert {p.dtype for p in loaded.parameters() if p.is_floating_point()} == {torch.float16}
+    visual = {n: p for n, p in loaded.named_parameters() if n.startswith(("model.visual.", "model.vision_tower."))}
     assert visual and all(torch.equal(p, model.get_parameter(n).to(p.dtype)) for n, p in visual.items())
     ids = calib_ids(n=1)
     with torch.no_grad():

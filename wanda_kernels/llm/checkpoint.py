@@ -284,18 +284,24 @@ def is_compressed_checkpoint(path) -> bool:
     return _module_for(_manifest(Path(path))) is not None
 
 
-def _empty_meta_parameters(model: torch.nn.Module) -> None:
-    """Give every parameter still on the meta device uninitialised CPU memory, in place.
+def _empty_meta_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give every parameter still on the meta device uninitialised CPU memory, in place,
+    floating-point ones in ``dtype`` (the file's).
 
     For a model about to receive every parameter from a file (``load_model(strict=True)``
-    then fails on any it lacks). A parameter shared by several modules stays shared.
+    then fails on any it lacks, and copies each tensor into the parameter's own dtype).
+    Not the dtype ``from_config`` gave: transformers 4.x builds the parts of a composite
+    model (a vision-language model's language model and vision encoder) in the dtype
+    saved in their own sub-configs, fp32, whatever ``dtype`` it was given. A parameter
+    shared by several modules stays shared.
     """
     made: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         for name, param in module._parameters.items():
             if param is not None and param.is_meta:
                 if id(param) not in made:
-                    made[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"),
+                    like = dtype if param.is_floating_point() else param.dtype
+                    made[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu", dtype=like),
                                                          requires_grad=param.requires_grad)
                 module._parameters[name] = made[id(param)]
 
@@ -343,7 +349,7 @@ def load_compressed(path, *, device="cpu", verify: bool = True):
         # BitmapLinear takes the sizes of its values from the file (they depend on the weight).
         extra = {"permuted": True} if permuted and permuted[0] else {}  # a SparseLinear with an input permutation
         setattr(model.get_submodule(parent), child, module_cls(in_f, out_f, bias, dtype=dtype, **extra))
-    _empty_meta_parameters(model)
+    _empty_meta_parameters(model, dtype)
     model.tie_weights()  # tied embeddings share one tensor again (the file stores it once)
     try:
         load_model(model, str(path / "model.safetensors"), strict=True)

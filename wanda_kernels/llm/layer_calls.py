@@ -14,14 +14,14 @@ never produces (silently: the shapes agree).
 
 :func:`capture_layer_inputs` therefore records, with one extra forward of the first
 calibration sample, the arguments the model's loop gives each layer
-(:class:`LayerCall`): it swaps every decoder layer for a stand-in that records its
-arguments and hands its hidden states on unchanged (so no layer computes anything), and
-stops the forward at the last one. A layer the loop skips on token ids alone (Mllama's
+(:class:`LayerCall`): it replaces every decoder layer's forward with one that records
+its arguments and hands its hidden states on unchanged (so no layer computes anything),
+and stops the forward at the last one. A layer the loop skips on token ids alone (Mllama's
 cross-attention layers, without an image) gets no call (None). The inputs of the first
 layer the loop calls, for every sample, come from a forward pre-hook that stops each
 forward there. :func:`run_layer` calls a layer with its own arguments.
 
-No model-name checks: a model whose loop does not take the stand-ins' outputs (neither a
+No model-name checks: a model whose loop does not take the recording forwards' outputs (neither a
 tensor nor a 1-tuple, the two forms transformers' layers return) gets every layer called
 with its first layer's arguments, with a warning, as before this module existed; unless
 its layers are of several kinds (Jamba's attention and Mamba layers), which is an error.
@@ -92,53 +92,50 @@ def _is_cache(value) -> bool:
     return any(cls.__name__.endswith("Cache") for cls in type(value).__mro__)
 
 
-class _Recorder(nn.Module):
-    """Stands in for decoder layer ``index`` during one forward: records the call, passes the hidden states on.
+def _recording_forward(index: int, last: bool, as_tuple: bool, seen: list):
+    """A forward for decoder layer ``index`` during one forward of the model: records the
+    call and passes the hidden states on (``(hidden,)`` when ``as_tuple``); the last
+    layer's stops the model's forward."""
 
-    The model's loop may read the layer's attributes (``attention_type``, ``layer_type``,
-    ``is_sliding``...): they are looked up on the layer it replaces.
-    """
-
-    def __init__(self, layer: nn.Module, index: int, last: bool, as_tuple: bool, seen: list):
-        super().__init__()
-        # plain attributes, not submodules: the stand-in must not own the layer's parameters
-        object.__setattr__(self, "_layer", layer)
-        object.__setattr__(self, "_seen", seen)
-        self._index, self._last, self._as_tuple = index, last, as_tuple
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_layer"), name)
-
-    def forward(self, *args, **kwargs):
+    def forward(*args, **kwargs):
         hidden, call = _split(args, kwargs)
-        self._seen.append((self._index, hidden, call))
-        if self._last:
+        seen.append((index, hidden, call))
+        if last:
             raise _StopForward
-        return (hidden,) if self._as_tuple else hidden
+        return (hidden,) if as_tuple else hidden
+
+    return forward
 
 
 def _recorded_calls(model: nn.Module, layers: nn.ModuleList, row: torch.Tensor) -> list[LayerCall | None] | str:
     """Each layer's :class:`LayerCall` (None: the forward skipped it) from one forward of
-    ``row`` (1, seqlen) with every layer a :class:`_Recorder`; or why they could not be recorded."""
+    ``row`` (1, seqlen) with every layer's forward replaced by :func:`_recording_forward`;
+    or why they could not be recorded.
+
+    The forward is replaced on each layer itself (an attribute of the instance, removed
+    afterwards), not the layer by a stand-in module: the model's loop may ask what a
+    layer is (transformers 4.x's Jamba gives its Mamba layers another mask by
+    ``isinstance``) or read its attributes (``attention_type``, ``is_sliding``...).
+    """
     why = ""
     for as_tuple in (False, True):  # the layers' output: a tensor (most of transformers 5) or a 1-tuple
         seen: list = []
-        originals = list(layers)
-        for i, layer in enumerate(originals):
-            layers[i] = _Recorder(layer, i, i == len(originals) - 1, as_tuple, seen)
+        own = [layer.__dict__.get("forward") for layer in layers]  # a forward of the instance's own (accelerate's)
+        for i, layer in enumerate(layers):
+            layer.forward = _recording_forward(i, i == len(layers) - 1, as_tuple, seen)
         try:
             model(row, use_cache=False)
         except _StopForward:
             pass
-        except Exception as exc:  # noqa: BLE001 - the model's loop did something the stand-ins cannot follow
+        except Exception as exc:  # noqa: BLE001 - the model's loop did something the recording cannot follow
             why = f"{type(exc).__name__}: {exc}"
             continue
         finally:
-            for i, layer in enumerate(originals):
-                layers[i] = layer
+            for layer, forward in zip(layers, own):
+                if forward is None:
+                    del layer.forward
+                else:
+                    layer.forward = forward
         indices = [i for i, _, _ in seen]
         if not indices or any(a >= b for a, b in zip(indices, indices[1:])):
             why = f"the model's forward called its decoder layers {indices[:8]}, not each at most once in order"

