@@ -228,7 +228,8 @@ class _Sliding(_PlainBlock):
 def test_a_loop_that_asks_what_each_layer_is_gets_each_its_own_arguments():
     # transformers 4.x's Jamba gives its Mamba layers their own mask by isinstance: a
     # stand-in module in the layer's place was given the attention layers' mask, and
-    # pruning failed at the first Mamba layer (or, with agreeing shapes, would not have).
+    # pruning failed at the first Mamba layer (had the shapes agreed, it would have gone
+    # on silently with the wrong arguments).
     torch.manual_seed(0)
     blocks = [_PlainBlock(), _Sliding(), _PlainBlock(), _Sliding()]
     blocks[1].window, blocks[3].window = 2.0, 3.0
