@@ -66,23 +66,58 @@ def test_an_unversioned_copy_of_another_major_version_is_left_alone(cache, other
     assert not (cache / f"transformers-{TRANSFORMERS_MAJOR}" / NAME).exists()
 
 
-def test_a_gguf_load_that_leaves_weights_random_is_refused_and_nothing_is_cached(tmp_path, monkeypatch):
-    # transformers 4.46 left this GGUF's lm_head random (it did not tie it to the
-    # embeddings), with one log line: perplexity 85,000 instead of 36.
-    package = tmp_path / "pkg"  # never read: both loaders are stand-ins
+def _fake_gguf_load(monkeypatch, tmp_path, missing=(), on_tokenizer_save=None):
+    """The GGUF package and transformers' two GGUF loads replaced: a tiny LLaMA whose load
+    reports ``missing`` keys, and a tokenizer whose ``save_pretrained`` writes one file
+    (then calls ``on_tokenizer_save``, standing in for another process)."""
     monkeypatch.setenv("WANDA_KERNELS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "_gguf_folder", lambda: package)
+    monkeypatch.setattr(models, "_gguf_folder", lambda: tmp_path / "pkg")  # never read: both loads are stand-ins
     torch.manual_seed(0)
     tiny = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
-    info = {"missing_keys": ["lm_head.weight"], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: object())
+    info = {"missing_keys": list(missing), "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+
+    class Tokenizer:
+        def save_pretrained(self, folder):
+            (folder / "tokenizer.json").write_text("ours")
+            if on_tokenizer_save is not None:
+                on_tokenizer_save()
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
                         lambda *a, output_loading_info=False, **k: (tiny, info) if output_loading_info else tiny)
+    return tmp_path / "cache" / f"transformers-{TRANSFORMERS_MAJOR}"
+
+
+def test_a_gguf_load_that_leaves_weights_random_is_refused_and_nothing_is_cached(tmp_path, monkeypatch):
+    # transformers 4.46 left this GGUF's lm_head random (it did not tie it to the
+    # embeddings), with one log line: a 2:4 perplexity of 85,216 instead of 174.5.
+    _fake_gguf_load(monkeypatch, tmp_path, missing=["lm_head.weight"])
     with pytest.raises(RuntimeError, match=r"left \['lm_head.weight'\] of SmolLM2-135M-Instruct.Q4_1.gguf unread "
                                            r"\(random weights\); upgrade transformers"):
         models.default_model_dir()
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_conversion_is_written_apart_and_renamed_into_place(tmp_path, monkeypatch):
+    parent = _fake_gguf_load(monkeypatch, tmp_path)
+    path = models.default_model_dir()
+    assert path == parent / NAME and [p.name for p in parent.iterdir()] == [NAME]  # nothing left beside it
+    assert (path / "tokenizer.json").read_text() == "ours" and (path / "model.safetensors").is_file()
+    assert transformers.AutoConfig.from_pretrained(path).hidden_size == 16
+
+
+def test_processes_converting_at_once_keep_the_first_copy(tmp_path, monkeypatch):
+    # The ranks of a first `torchrun ... prune` on a fresh cache all convert: they shared one
+    # temporary folder, and every rename after the first failed ("Directory not empty").
+    def another_process_finishes_first():
+        _copy(parent / NAME, transformers.__version__)
+
+    parent = _fake_gguf_load(monkeypatch, tmp_path, on_tokenizer_save=another_process_finishes_first)
+    path = models.default_model_dir()
+    assert path == parent / NAME and [p.name for p in parent.iterdir()] == [NAME]
+    assert (path / "model.safetensors").read_bytes() == b"weights"  # the first copy, whole
+    assert not (path / "tokenizer.json").exists()
 
 
 def test_the_cached_config_reads_back_with_the_ggufs_rotary_base():

@@ -21,6 +21,8 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -58,7 +60,7 @@ def default_model_dir() -> Path:
     transformers = _require_transformers()
     major = int(transformers.__version__.split(".")[0])
     out = cache_root() / f"transformers-{major}" / _DEFAULT_NAME
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if _complete(out):
         return out
     if _adopt_unversioned_copy(out, major):
         return out
@@ -80,11 +82,33 @@ def default_model_dir() -> Path:
         del config.quantization_config
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict(), strict=True)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: a half-written cache is never picked up
+    # Written in a folder of this process's own, then renamed into place (atomic: a
+    # half-written copy is never picked up). Processes converting at once (the ranks of a
+    # first torchrun) each write their own; the first rename wins, and the others keep it.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # a cache folder, as save_pretrained would make it (mkdtemp's is private)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed
     return out
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished copy ``tmp`` to ``out``; where another process's copy is already
+    there, keep that one (ours is removed by the caller)."""
+    try:
+        tmp.rename(out)
+    except OSError:  # out exists and is not empty (a rename never replaces a full folder)
+        if not _complete(out):
+            raise
 
 
 def _gguf_folder() -> Path:
@@ -112,7 +136,10 @@ def _adopt_unversioned_copy(out: Path, major: int) -> bool:
     if not (old / "model.safetensors").is_file() or written_by.split(".")[0] != str(major):
         return False
     out.parent.mkdir(parents=True, exist_ok=True)
-    old.rename(out)
+    try:
+        old.rename(out)
+    except OSError:  # another process moved it (or converted one) first
+        return _complete(out)
     logger.info("moved the default model's copy %s to %s", old, out)
     return True
 
