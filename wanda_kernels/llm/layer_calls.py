@@ -16,15 +16,16 @@ never produces (silently: the shapes agree).
 calibration sample, the arguments the model's loop gives each layer
 (:class:`LayerCall`): it replaces every decoder layer's forward with one that records
 its arguments and hands its hidden states on unchanged (so no layer computes anything),
-and stops the forward at the last one. A layer the loop skips on token ids alone (Mllama's
-cross-attention layers, without an image) gets no call (None). The inputs of the first
-layer the loop calls, for every sample, come from a forward pre-hook that stops each
-forward there. :func:`run_layer` calls a layer with its own arguments.
+and stops the forward at the last one. A layer the loop skips on token ids alone
+(Mllama's cross-attention layers, without an image) gets no call (None). The inputs of
+the first layer the loop calls, for every sample, come from a forward pre-hook that
+stops each forward there. :func:`run_layer` calls a layer with its own arguments.
 
-No model-name checks: a model whose loop does not take the recording forwards' outputs (neither a
-tensor nor a 1-tuple, the two forms transformers' layers return) gets every layer called
-with its first layer's arguments, with a warning, as before this module existed; unless
-its layers are of several kinds (Jamba's attention and Mamba layers), which is an error.
+No model-name checks: a model whose loop does not take the recording forwards' outputs
+(neither a tensor nor a 1-tuple, the two forms transformers' layers return) gets every
+layer called with its first layer's arguments, with a warning, as before this module
+existed; unless its layers are of several kinds (Jamba's attention and Mamba layers),
+which is an error.
 """
 
 from __future__ import annotations

@@ -129,11 +129,13 @@ def _adopt_unversioned_copy(out: Path, major: int) -> bool:
     wrote it (a rename: no second conversion, no second 540 MB); leave one that another
     major version wrote where it is."""
     old = out.parent.parent / _DEFAULT_NAME
+    if not _complete(old):
+        return False
     try:
         written_by = json.loads((old / "config.json").read_text())["transformers_version"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    if not (old / "model.safetensors").is_file() or written_by.split(".")[0] != str(major):
+    if written_by.split(".")[0] != str(major):
         return False
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
